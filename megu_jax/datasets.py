@@ -147,6 +147,17 @@ class Dataset:
             _check_labels(f"{self.name}: test_subclasses", self.test_subclasses,
                           len(self.test_images), len(self.subclass_names))
 
+    def __repr__(self) -> str:
+        # The default dataclass repr would print the image arrays.
+        levels = ""
+        if self.superclass_names is not None:
+            levels += f", superclasses={len(self.superclass_names)}"
+        if self.subclass_names is not None:
+            levels += f", subclasses={len(self.subclass_names)}"
+        return (f"Dataset(name={self.name!r}, train={len(self.train_images)}, "
+                f"test={len(self.test_images)}, image_shape={self.image_shape}, "
+                f"classes={self.num_classes}{levels})")
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
