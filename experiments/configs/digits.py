@@ -1,0 +1,26 @@
+r"""scikit-learn's bundled 8x8 digits with a tiny CNN: seconds to train, for tests and smoke runs.
+
+  python -m experiments.train --config=experiments/configs/digits.py --workdir=/tmp/digits
+"""
+import ml_collections
+
+from experiments.configs import fashion_mnist
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = fashion_mnist.get_config()
+  config.dataset = "digits"
+  config.model = ml_collections.ConfigDict(
+      {"name": "small_cnn", "widths": (8, 16, 16), "feature_dim": 32})
+  config.batch_size = 32
+  config.eval_batch_size = 128
+  config.epochs = 6
+  config.learning_rate = 0.05
+  config.checkpoint_every_steps = 40
+  config.log_every_steps = 10
+  config.forget = "3"
+  config.forget_size = 20
+  config.progress = False
+  if arg == "quick":
+    config.epochs = 2
+  return config
