@@ -1,0 +1,285 @@
+"""The transition matrix T and the perturbing labels drawn from it (method.md section 2, items 2-3).
+
+An oracle scores how much class j resembles class i, S[i, j] on a 0..10 scale. This module turns S
+into a row-stochastic K x K matrix T with a zero diagonal,
+
+    T[i, :] = softmax(S[i, :] / temperature) over j != i,   T[i, i] = 0,
+
+optionally keeping only the top-k entries of each row, validates it, stores it as a ``.npy`` file
+next to a JSON provenance record, and draws a perturbing label ỹ ~ Categorical(T[y]) for every
+forget sample. For sub-class forgetting T is over the coarse labels and ``labels`` are coarse labels,
+so ỹ is never the sample's own superclass; nothing else changes.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from megu_jax import io_utils
+
+# Rows of T must sum to one within this tolerance, and its diagonal must be zero within it.
+ROW_SUM_ATOL = 1e-6
+PERTURBING_LABEL_MODES = ("sample", "argmax")
+
+
+class InvalidTransitionError(ValueError):
+  """A transition matrix (or the scores it is built from) is malformed; the message says how."""
+
+
+def _row_name(i: int, class_names: Optional[Sequence[str]]) -> str:
+  if class_names is not None and i < len(class_names):
+    return f"row {i} ({class_names[i]})"
+  return f"row {i}"
+
+
+def _as_float64_matrix(matrix: Any, what: str) -> np.ndarray:
+  """Converts to a float64 [K, K] host array, failing with a message that names `what`."""
+  try:
+    array = np.asarray(matrix, dtype=np.float64)
+  except (TypeError, ValueError) as e:
+    raise InvalidTransitionError(f"{what} is not a numeric array: {e}") from None
+  if array.ndim != 2:
+    raise InvalidTransitionError(
+        f"{what} must be 2-D [num_classes, num_classes], got shape {array.shape}")
+  if array.shape[0] != array.shape[1]:
+    raise InvalidTransitionError(f"{what} must be square, got shape {array.shape}")
+  if array.shape[0] < 2:
+    raise InvalidTransitionError(
+        f"{what} needs at least 2 classes (a perturbing label is another class), "
+        f"got shape {array.shape}")
+  return array
+
+
+def scores_to_transition(S: Any, *, temperature: float = 1.0,
+                         top_k: Optional[int] = None) -> np.ndarray:
+  """Turns similarity scores into a transition matrix.
+
+  Args:
+    S: [K, K] similarity scores, S[i, j] = how much class j resembles class i (0..10 for every
+      oracle of this project). The diagonal is ignored.
+    temperature: softmax temperature tau > 0 on the scale of S. On the 0..10 scale tau = 1.0
+      equals tau = 0.1 on raw cosine similarities.
+    top_k: keep only the k most similar other classes of each row (1 <= k <= K - 1); None keeps
+      all. Ties are broken towards the lower class index, so the result is deterministic.
+
+  Returns:
+    T: [K, K] float64 on the host; T[i, i] == 0 exactly, every row sums to 1.
+  """
+  scores = _as_float64_matrix(S, "score matrix S")
+  num_classes = scores.shape[0]
+  off_diagonal = ~np.eye(num_classes, dtype=bool)
+  if not np.all(np.isfinite(scores[off_diagonal])):
+    bad = np.argwhere(~np.isfinite(scores) & off_diagonal)[0]
+    raise InvalidTransitionError(
+        f"score matrix S has a non-finite entry S[{bad[0]}, {bad[1]}] = {scores[tuple(bad)]}")
+  if not (isinstance(temperature, (int, float)) and np.isfinite(temperature)
+          and temperature > 0):
+    raise InvalidTransitionError(f"temperature must be a finite number > 0, got {temperature!r}")
+  if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                            or not 1 <= top_k <= num_classes - 1):
+    raise InvalidTransitionError(
+        f"top_k must be None or an integer in [1, {num_classes - 1}] for {num_classes} classes, "
+        f"got {top_k!r}")
+
+  logits = np.where(off_diagonal, scores / temperature, -np.inf)
+  if top_k is not None:
+    # A stable sort of the negated logits ranks equal scores by class index.
+    ranking = np.argsort(-logits, axis=1, kind="stable")
+    keep = np.zeros_like(off_diagonal)
+    np.put_along_axis(keep, ranking[:, :top_k], True, axis=1)
+    logits = np.where(keep, logits, -np.inf)
+  # Subtracting the row maximum keeps exp() from overflowing for small temperatures.
+  logits = logits - logits.max(axis=1, keepdims=True)
+  weights = np.exp(logits)  # exp(-inf) == 0: the diagonal and dropped entries are exact zeros.
+  return weights / weights.sum(axis=1, keepdims=True)
+
+
+def validate_transition(T: Any, num_classes: Optional[int] = None, *,
+                        class_names: Optional[Sequence[str]] = None) -> None:
+  """Raises InvalidTransitionError naming the first thing wrong with T; returns None if T is valid.
+
+  Valid means: 2-D and square [K, K] with K >= 2, K == num_classes when given, every entry finite
+  and >= 0, every row summing to 1 within ROW_SUM_ATOL, and a zero diagonal (within ROW_SUM_ATOL).
+
+  Args:
+    T: the candidate matrix (numpy or jax array, or nested lists).
+    num_classes: the data set's class count (at the label level T is for), if known.
+    class_names: optional, only used to name offending rows in the message.
+  """
+  matrix = _as_float64_matrix(T, "transition matrix")
+  size = matrix.shape[0]
+  if num_classes is not None and size != num_classes:
+    raise InvalidTransitionError(
+        f"transition matrix is {size} x {size} but the data set has {num_classes} classes")
+  finite = np.isfinite(matrix)
+  if not finite.all():
+    i, j = np.argwhere(~finite)[0]
+    raise InvalidTransitionError(
+        f"transition matrix has a non-finite entry T[{i}, {j}] = {matrix[i, j]} "
+        f"in {_row_name(i, class_names)}")
+  if (matrix < 0).any():
+    i, j = np.argwhere(matrix < 0)[0]
+    raise InvalidTransitionError(
+        f"transition matrix has a negative entry T[{i}, {j}] = {matrix[i, j]} "
+        f"in {_row_name(i, class_names)}")
+  diagonal = np.diag(matrix)
+  if (np.abs(diagonal) > ROW_SUM_ATOL).any():
+    i = int(np.argmax(np.abs(diagonal) > ROW_SUM_ATOL))
+    raise InvalidTransitionError(
+        f"transition matrix has a non-zero diagonal entry T[{i}, {i}] = {diagonal[i]} in "
+        f"{_row_name(i, class_names)}: a perturbing label must be another class")
+  row_sums = matrix.sum(axis=1)
+  bad_rows = np.abs(row_sums - 1.0) > ROW_SUM_ATOL
+  if bad_rows.any():
+    i = int(np.argmax(bad_rows))
+    raise InvalidTransitionError(
+        f"{_row_name(i, class_names)} of the transition matrix sums to {row_sums[i]!r}, "
+        f"expected 1 within {ROW_SUM_ATOL}")
+
+
+def provenance_path(path: str) -> str:
+  """The JSON provenance file that belongs to a ``.npy`` file: ``<path minus .npy>.json``."""
+  return _strip_npy(path) + ".json"
+
+
+def _strip_npy(path: str) -> str:
+  if not str(path).endswith(".npy"):
+    raise ValueError(f"a transition file must end in .npy, got {path!r}")
+  return str(path)[:-len(".npy")]
+
+
+def save_transition(path: str, T: Any, provenance: Mapping[str, Any]) -> None:
+  """Validates T and writes it to ``path`` (.npy) plus ``<path minus .npy>.json`` (provenance).
+
+  Both files are written to temporary files first and then moved into place with os.replace, so an
+  earlier matrix at ``path`` survives any failure before the move.
+
+  Args:
+    path: destination ending in ``.npy``.
+    T: [K, K] valid transition matrix; stored as float64.
+    provenance: JSON-serialisable record (oracle, model name, prompt hash, class names, tau, k...).
+      ``date`` (UTC, ISO 8601) is added when missing; ``num_classes`` and ``transition_sha256``
+      (of the stored .npy bytes) are always set.
+  """
+  json_path = provenance_path(path)
+  class_names = provenance.get("class_names")
+  validate_transition(T, class_names=class_names)
+  matrix = np.asarray(T, dtype=np.float64)
+  if class_names is not None and len(class_names) != matrix.shape[0]:
+    raise InvalidTransitionError(
+        f"provenance lists {len(class_names)} class names for a {matrix.shape[0]} x "
+        f"{matrix.shape[0]} transition matrix")
+  record = dict(provenance)
+  record.setdefault(
+      "date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+  record["num_classes"] = int(matrix.shape[0])
+  record["transition_sha256"] = hashlib.sha256(matrix.tobytes()).hexdigest()
+  # Write the provenance first: a .npy without its record is worse than a stale record.
+  # atomic_write_json serialises before it opens anything, so a bad record writes nothing.
+  try:
+    io_utils.atomic_write_json(json_path, record)
+  except TypeError as e:
+    raise ValueError(f"provenance for {path} is not JSON-serialisable: {e}") from None
+  io_utils.atomic_save_npy(path, matrix)
+
+
+def load_provenance(path: str) -> dict:
+  """Reads the JSON provenance record stored next to the transition matrix at ``path``."""
+  with open(provenance_path(path), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def load_transition(path: str, num_classes: Optional[int] = None) -> jnp.ndarray:
+  """Loads and validates a transition matrix saved by save_transition.
+
+  Args:
+    path: the ``.npy`` file (never unpickled: ``allow_pickle=False``).
+    num_classes: the data set's class count at the label level T is for, if known.
+
+  Returns:
+    T: [K, K] float32 jnp array.
+
+  Raises:
+    FileNotFoundError: no file at ``path``.
+    InvalidTransitionError: the file does not hold a valid transition matrix; names the file.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no transition matrix at {path}")
+  try:
+    matrix = np.load(path, allow_pickle=False)
+  except ValueError as e:  # Object arrays and corrupt headers both land here.
+    raise InvalidTransitionError(f"{path}: cannot be read as a numeric .npy array: {e}") from None
+  try:
+    validate_transition(matrix, num_classes)
+  except InvalidTransitionError as e:
+    raise InvalidTransitionError(f"{path}: {e}") from None
+  return jnp.asarray(matrix, dtype=jnp.float32)
+
+
+def _check_labels_in_range(labels: Any, num_classes: int) -> None:
+  """Checks concrete labels on the host; traced labels (under jit) cannot be checked."""
+  try:
+    host_labels = np.asarray(labels)
+  except jax.errors.TracerArrayConversionError:
+    return
+  if host_labels.size and (host_labels.min() < 0 or host_labels.max() >= num_classes):
+    bad = host_labels[(host_labels < 0) | (host_labels >= num_classes)][0]
+    raise ValueError(f"label {bad} is outside [0, {num_classes}) for a {num_classes}-class T")
+
+
+def perturbing_labels(key: jax.Array, T: Any, labels: Any, *, mode: str = "sample") -> jax.Array:
+  """Draws a perturbing label for every forget sample; jit-compatible with ``mode`` static.
+
+  The sample's own class is masked to -inf in log space before sampling or taking the argmax, so
+  ỹ != y holds even when T carries a numerically tiny diagonal mass.
+
+  Args:
+    key: a PRNG key (used by mode "sample" only).
+    T: [K, K] valid transition matrix over the labels in ``labels`` (coarse labels for sub-class
+      forgetting, so ỹ is never the sample's own superclass).
+    labels: [N] int class of each forget sample.
+    mode: "sample" draws ỹ ~ Categorical(T[y]); "argmax" takes the most likely other class of each
+      row (ties go to the lower class index).
+
+  Returns:
+    [N] int32 perturbing labels, each != the corresponding label.
+  """
+  if mode not in PERTURBING_LABEL_MODES:
+    raise ValueError(f"mode must be one of {PERTURBING_LABEL_MODES}, got {mode!r}")
+  transition = jnp.asarray(T)
+  if transition.ndim != 2 or transition.shape[0] != transition.shape[1]:
+    raise ValueError(f"T must be square [K, K], got shape {transition.shape}")
+  labels = jnp.asarray(labels)
+  if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be a 1-D integer array [N], got {labels.dtype} {labels.shape}")
+  _check_labels_in_range(labels, transition.shape[0])
+  if mode == "argmax":
+    return _argmax_perturbing_labels(transition, labels)
+  return _sampled_perturbing_labels(key, transition, labels)
+
+
+def _log_rows_without_own_class(T: jax.Array, labels: jax.Array) -> jax.Array:
+  """[N, K] log T[y] with the own class (and zero entries) at -inf."""
+  rows = T[labels]
+  own_class = jax.nn.one_hot(labels, T.shape[0], dtype=jnp.bool_)
+  # log is taken of a safe value where the row is 0, so no -inf/NaN reaches a gradient.
+  return jnp.where(own_class | (rows <= 0), -jnp.inf, jnp.log(jnp.where(rows > 0, rows, 1.0)))
+
+
+# Jitted once as a whole: eager op-by-op dispatch would compile every primitive separately.
+@jax.jit
+def _sampled_perturbing_labels(key: jax.Array, T: jax.Array, labels: jax.Array) -> jax.Array:
+  return jax.random.categorical(key, _log_rows_without_own_class(T, labels), axis=-1).astype(
+      jnp.int32)
+
+
+@jax.jit
+def _argmax_perturbing_labels(T: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.argmax(_log_rows_without_own_class(T, labels), axis=-1).astype(jnp.int32)
