@@ -21,6 +21,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.forget = "3"
   config.forget_size = 20
   config.progress = False
+  config.megu.steps = 60
+  config.megu.noise_steps = 30
+  config.megu.forget_batch_size = 32
+  config.megu.retain_batch_size = 32
   if arg == "quick":
     config.epochs = 2
   return config

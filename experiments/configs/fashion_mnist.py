@@ -12,6 +12,8 @@ Append ``:quick`` to the config path for a seconds-long smoke run (a slice of th
 """
 import ml_collections
 
+from megu_jax.unlearning import megu
+
 MEASURED = "test_acc and time filled in from a real run: see README 'Training' section"
 
 
@@ -46,6 +48,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.scenario = "full_class"  # full_class | sub_class | random
   config.forget = "Shirt"         # comma-separated class (or sub-class) names
   config.forget_size = 100        # random scenario only
+
+  # The unlearning job (experiments.unlearn / make demo).
+  config.methods = "original,retrain,megu"  # comma-separated registered names, or "all"
+  config.transition = ""          # a T .npy file (e.g. built with Gemini); "" = build it offline:
+  config.transition_oracle = "prototype"  # prototype | hierarchy | uniform
+  config.transition_temperature = 1.0     # tau on the oracles' 0..10 scale
+  config.transition_top_k = 0             # keep the k most similar classes per row; 0 = all
+  config.megu = megu.default_megu_config()
 
   if arg == "quick":
     config.epochs = 1

@@ -1,0 +1,199 @@
+"""The main job: train (or resume) the original and Retrain models, unlearn, evaluate, report.
+
+``run_unlearning(config, workdir)`` is what ``python -m experiments.unlearn`` (and ``make demo``)
+runs. Trained models live under ``workdir/models/`` keyed by what determines them (label level,
+seed; for Retrain also the split), so reruns and other scenarios reuse them; everything else in
+the workdir is rewritten atomically at the end.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from megu_jax import datasets
+from megu_jax import evaluation
+from megu_jax import io_utils
+from megu_jax import metrics
+from megu_jax import oracles
+from megu_jax import parallel
+from megu_jax import plotting
+from megu_jax import reporting
+from megu_jax import splits
+from megu_jax import train
+from megu_jax import transition
+from megu_jax import unlearning
+from megu_jax.oracles import offline
+
+REFERENCE_METHODS = ("original", "retrain")
+
+
+def method_list(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """``config.methods`` ("a,b" or "all") as names, validated against the registry."""
+  requested = [m.strip() for m in str(config.methods).split(",") if m.strip()]
+  if requested == ["all"]:
+    return REFERENCE_METHODS + tuple(m for m in unlearning.method_names()
+                                     if m not in REFERENCE_METHODS)
+  if not requested:
+    raise ValueError("config.methods is empty; give comma-separated names or 'all'")
+  for name in requested:
+    unlearning.get_method(name)  # raises, listing the registered names
+  # Retrain is every other method's reference (avg_gap): always evaluate it.
+  return tuple(dict.fromkeys(["retrain"] + requested))
+
+
+def _slug(text: str) -> str:
+  """A file-name-safe rendering of user-given class names."""
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "none"
+
+
+def model_dirs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+  level = train.training_labels_level(config)
+  what = (f"random{config.forget_size}" if config.scenario == "random"
+          else _slug(str(config.forget)))
+  models_dir = os.path.join(workdir, "models")
+  return {"original": os.path.join(models_dir, f"original_{level}_seed{config.seed}"),
+          "retrain": os.path.join(models_dir,
+                                  f"retrain_{config.scenario}_{what}_seed{config.seed}")}
+
+
+def _train_reference(config, directory, dataset, retrain: bool) -> tuple[train.Trained, dict]:
+  reference_config = copy.deepcopy(config)
+  with reference_config.unlocked():
+    reference_config.retrain = retrain
+  final = train.train_and_evaluate(reference_config, directory, dataset=dataset)
+  return train.restore_trained(directory), final
+
+
+def resolve_transition(config, dataset: datasets.Dataset, original: train.Trained,
+                       retain_positions: np.ndarray, workdir: str) -> tuple[np.ndarray, dict]:
+  """T from ``config.transition`` (a .npy path) or built with ``config.transition_oracle``.
+
+  A built T is saved to ``workdir/transition.npy`` (with provenance JSON); returns the host array
+  and ``{"path", "oracle", "transition_s"}``.
+  """
+  start = time.perf_counter()
+  if config.transition:
+    matrix = np.asarray(transition.load_transition(config.transition, dataset.num_classes))
+    return matrix, {"path": config.transition, "oracle": "file",
+                    "transition_s": time.perf_counter() - start}
+  oracle = config.transition_oracle
+  if oracle == "prototype":
+    # Class means of the original model's features over the whole training set: the forgotten
+    # class included (it is the row being asked about), nothing from the test set.
+    features = train.predict(original, dataset.train_images, config.eval_batch_size)["features"]
+    scores = offline.prototype_scores(features, dataset.train_labels, dataset.num_classes)
+  elif oracle == "hierarchy":
+    if dataset.superclass_of is None:
+      raise ValueError(f"config.transition_oracle='hierarchy' needs a class grouping; "
+                       f"{dataset.name} at this label level has none")
+    scores = offline.hierarchy_scores(dataset.superclass_of)
+  elif oracle == "uniform":
+    scores = offline.uniform_scores(dataset.num_classes)
+  else:
+    raise ValueError(f"config.transition_oracle={oracle!r}: the main job builds T offline with "
+                     "'prototype', 'hierarchy' or 'uniform'; build a Gemini T with "
+                     "experiments.build_transition and pass it as --config.transition=PATH")
+  matrix = transition.scores_to_transition(scores, temperature=config.transition_temperature,
+                                           top_k=config.transition_top_k or None)
+  path = os.path.join(workdir, "transition.npy")
+  transition.save_transition(path, matrix, {
+      "oracle": oracle, "model": None, "prompt_hash": None,
+      "class_names": list(dataset.class_names), "temperature": config.transition_temperature,
+      "top_k": config.transition_top_k or None})
+  return matrix, {"path": path, "oracle": oracle, "transition_s": time.perf_counter() - start}
+
+
+def validate_before_compute(config: ml_collections.ConfigDict) -> tuple[datasets.Dataset,
+                                                                         splits.ForgetSplit,
+                                                                         tuple[str, ...]]:
+  """Every check that can fail without training: methods, data set, split, T file, devices."""
+  methods = method_list(config)
+  train.validate_config(config, parallel.DataParallel(config.parallel))
+  dataset = train.load_config_dataset(config)
+  split = train.split_from_config(config, dataset)
+  if config.transition:
+    transition.load_transition(config.transition, dataset.num_classes)
+  elif config.transition_oracle not in ("prototype", "hierarchy", "uniform"):
+    oracles.get_oracle(config.transition_oracle)  # unknown names list the valid ones
+  return dataset, split, methods
+
+
+def run_unlearning(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs every method of ``config.methods`` on one split; writes results, report and plots."""
+  dataset, split, methods = validate_before_compute(config)
+  os.makedirs(workdir, exist_ok=True)
+  splits.save_split(split, os.path.join(workdir, "split"))
+  dirs = model_dirs(config, workdir)
+  original, original_final = _train_reference(config, dirs["original"], dataset, retrain=False)
+  retrained, retrain_final = _train_reference(config, dirs["retrain"], dataset, retrain=True)
+
+  matrix, transition_info = resolve_transition(config, dataset, original, split.retain_train,
+                                               workdir)
+  method_config = copy.deepcopy(config)
+  with method_config.unlocked():
+    if "megu" in method_config:
+      method_config.megu.transition = transition_info["path"]
+
+  related = evaluation.related_test_set(dataset, split, similarity=matrix)
+  forget_data = unlearning.UnlearnData.from_positions(dataset.train_images, dataset.train_labels,
+                                                      split.forget_train)
+  retain_data = unlearning.UnlearnData.from_positions(dataset.train_images, dataset.train_labels,
+                                                      split.retain_train)
+  results: dict[str, dict] = {}
+  per_class: dict[str, np.ndarray] = {}  # test accuracy per class, for the plot
+  for name in methods:
+    timings: dict[str, float] = {}
+    if name == "original":
+      unlearned, time_s, compile_s = original, 0.0, 0.0
+    elif name == "retrain":
+      unlearned = retrained
+      time_s, compile_s = retrain_final["time_s"], retrain_final["compile_s"]
+    else:
+      key = jax.random.fold_in(jax.random.key(config.seed), len(results))
+      start = time.perf_counter()
+      unlearned = unlearning.get_method(name)(original, forget_data, retain_data, method_config,
+                                              key, timings=timings)
+      jax.block_until_ready(unlearned.state)
+      wall = time.perf_counter() - start
+      compile_s = float(timings.get("compile_s", 0.0))
+      time_s = wall - compile_s
+    train_out = train.predict(unlearned, dataset.train_images, config.eval_batch_size)
+    test_out = train.predict(unlearned, dataset.test_images, config.eval_batch_size)
+    result = evaluation.metrics_from_outputs(train_out, test_out, dataset, split, related,
+                                             seed=config.seed)
+    per_class[name] = metrics.class_accuracies(test_out["logits"], dataset.test_labels,
+                                               dataset.num_classes)
+    result.update(time_s=float(time_s), compile_s=float(compile_s),
+                  **{k: float(v) for k, v in timings.items() if k != "compile_s"})
+    results[name] = result
+  for name, result in results.items():
+    if name != "retrain":
+      result["avg_gap"] = metrics.avg_gap(result, results["retrain"])
+
+  summary = {
+      "dataset": dataset.name, "scenario": split.scenario, "forget": list(split.forget),
+      "forget_size": int(len(split.forget_train)), "seed": int(config.seed),
+      "related": related.description, "transition": transition_info,
+      "original_train": original_final, "retrain_train": retrain_final,
+      "methods": results,
+  }
+  io_utils.atomic_write_json(os.path.join(workdir, "results.json"), summary)
+  forgotten = ", ".join(split.forget) or f"{len(split.forget_train)} random samples"
+  reporting.plot_per_class_accuracy(
+      {name: acc for name, acc in per_class.items() if name in ("original", "retrain", "megu")},
+      dataset.class_names, os.path.join(workdir, "per_class_accuracy.png"),
+      title=f"{dataset.name}: forget {forgotten}")
+  plotting.plot_transition_heatmap(matrix, dataset.class_names,
+                                   os.path.join(workdir, "transition.png"),
+                                   title=f"T ({transition_info['oracle']})")
+  io_utils.atomic_write_text(os.path.join(workdir, "report.md"),
+                             reporting.results_markdown(summary))
+  return summary
+
