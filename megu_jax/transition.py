@@ -253,16 +253,16 @@ def perturbing_labels(key: jax.Array, T: Any, labels: Any, *, mode: str = "sampl
   """
   if mode not in PERTURBING_LABEL_MODES:
     raise ValueError(f"mode must be one of {PERTURBING_LABEL_MODES}, got {mode!r}")
-  transition = jnp.asarray(T)
-  if transition.ndim != 2 or transition.shape[0] != transition.shape[1]:
-    raise ValueError(f"T must be square [K, K], got shape {transition.shape}")
+  matrix = jnp.asarray(T)
+  if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+    raise ValueError(f"T must be square [K, K], got shape {matrix.shape}")
   labels = jnp.asarray(labels)
   if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f"labels must be a 1-D integer array [N], got {labels.dtype} {labels.shape}")
-  _check_labels_in_range(labels, transition.shape[0])
+  _check_labels_in_range(labels, matrix.shape[0])
   if mode == "argmax":
-    return _argmax_perturbing_labels(transition, labels)
-  return _sampled_perturbing_labels(key, transition, labels)
+    return _argmax_perturbing_labels(matrix, labels)
+  return _sampled_perturbing_labels(key, matrix, labels)
 
 
 def _log_rows_without_own_class(T: jax.Array, labels: jax.Array) -> jax.Array:

@@ -1,6 +1,5 @@
 """The Gemini oracle with the real google-genai client against a local generateContent server."""
 import json
-import os
 import pathlib
 import re
 import time

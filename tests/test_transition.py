@@ -1,5 +1,4 @@
 """The transition matrix: S -> T, validation, save/load, perturbing labels, offline oracles, heatmap."""
-import json
 import os
 
 import jax
