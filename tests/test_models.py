@@ -70,3 +70,9 @@ def test_bad_model_config_names_the_value():
     model = models.SmallCNN(num_classes=3)
     variables = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))
     model.apply(variables, jnp.ones((1, 28, 28, 1)), from_activation="nope")
+
+
+def test_max_pool_2x2_equals_flax_max_pool_including_odd_sizes():
+  x = jax.random.normal(jax.random.key(3), (2, 7, 9, 3))
+  np.testing.assert_array_equal(models.max_pool_2x2(x),
+                                models.nn.max_pool(x, (2, 2), strides=(2, 2)))
