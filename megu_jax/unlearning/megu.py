@@ -1,0 +1,587 @@
+"""MeGU: perturbing labels from a transition matrix plus the positive/negative feature-noise pair.
+
+method.md section 2 is the specification; this module is its executable form:
+
+1. **Transition matrix** T [K, K] from a ``.npy`` file or an offline oracle (``prototype``: the
+   trained model's class-mean features; ``hierarchy``; ``uniform``), timed as ``transition_s``.
+2. **Perturbing labels**: one ỹ per forget sample, drawn once (a fixed per-sample key, folded from
+   the sample's training-set index) from T[y] -- or, with ``label_guidance="transition_x_model"``,
+   from T[y] reweighted by the original model's own posterior on that image (see below).
+3. **Noise pair** (:mod:`megu_jax.noise`) on the chosen activation: δ⁻ per target class (or per
+   sample), δ⁺ per perturbing class, optimised with θ frozen, before finetuning or alternating
+   with it.
+4. **Finetuning** θ on forget and retain batches:
+       L = w_f·CE(h(g(x_f) + δ⁻ + δ⁺), ỹ) + β·CE(f(x_r), y_r) + α·KL(f_θ₀(x_r) ‖ f_θ(x_r))
+           + μ·mean (g_θ(x_f) − sg(g_θ₀(x_f) + δ⁻ + δ⁺))².
+   No noise at test time.
+
+The noise tables and their optimiser states sit in :class:`MeguState` next to θ, so one jitted,
+data-parallel step (built like ``train.make_train_step``) updates all of them.
+
+BatchNorm runs in inference mode during unlearning (running statistics frozen, scale and bias
+still trained): half of every batch is forget data, often one class, pushed through noise, and
+letting it into the running statistics would shift the test-time normalisation of every class.
+No augmentation is applied: the forget images must be the ones the attacker queries.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from megu_jax import datasets
+from megu_jax import noise as noise_lib
+from megu_jax import parallel
+from megu_jax import train
+from megu_jax import transition as transition_lib
+from megu_jax.oracles import offline as offline_oracles
+from megu_jax.unlearning import register
+from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_choice,
+                                      check_data, check_positive, num_classes_of)
+
+NOISE_SCHEDULES = ("before", "alternating")
+NOISE_PER = ("class", "sample", "auto")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "constant")
+LABEL_GUIDANCE = ("transition", "transition_x_model")
+OFFLINE_ORACLES = ("prototype", "hierarchy", "uniform")
+
+
+class MissingTransitionFileError(UnlearningInputError, FileNotFoundError):
+  """``config.megu.transition`` names a .npy file that does not exist."""
+
+
+def default_megu_config() -> ml_collections.ConfigDict:
+  """Every choice of method.md section 2, with the defaults that measured closest to Retrain.
+
+  Attach it as ``config.megu`` of an experiment config. The README's MeGU section holds the
+  measurements that chose each default.
+  """
+  c = ml_collections.ConfigDict()
+  # --- the transition matrix and the perturbing labels ---
+  c.transition = "prototype"   # path to a .npy T, or an offline oracle: prototype|hierarchy|uniform
+  c.temperature = 1.0          # τ on the oracles' 0..10 scale (1.0 here = 0.1 on raw cosine)
+  c.top_k = 0                  # keep the k most similar classes per row; 0 keeps all
+  c.label_mode = "sample"      # sample: ỹ ~ Categorical(row); argmax: the most likely other class
+  # transition: row = T[y]. transition_x_model: row ∝ T[y] · p_θ₀(·|x)^(1/guidance_temperature),
+  # the machine's per-image opinion of where this sample would go (own class excluded).
+  c.label_guidance = "transition"
+  c.guidance_temperature = 1.0
+  c.prototype_samples_per_class = 500  # images per class whose features make the prototypes
+  c.superclass_of = ()         # hierarchy oracle: class -> group; () = the data set's own grouping
+  # --- the noise pair ---
+  c.activation = "features"    # which of model.activation_names carries the noise
+  c.noise = "both"             # both | negative | positive | none (ablations)
+  c.noise_per = "auto"         # class | sample | auto (= sample for the random scenario)
+  c.negative_weight = 0.1      # λ⁻
+  c.positive_weight = 0.1      # λ⁺
+  c.noise_steps = 100
+  c.negative_learning_rate = 0.1   # Adam
+  c.positive_learning_rate = 0.1   # Adam
+  c.noise_schedule = "before"  # before: noise first, then finetune; alternating: one noise step
+  #                              before every finetuning step, on the current θ
+  # --- finetuning ---
+  c.forget_weight = 1.0        # weight of the perturbed forget CE
+  c.retain_weight = 1.0        # β
+  c.kl_weight = 0.0            # α: KL(f_θ₀ ‖ f_θ) on retain images
+  c.align_weight = 0.0         # μ: feature alignment of the clean network to the noisy target
+  c.steps = 200
+  c.epochs = 0.0               # > 0: steps = ceil(epochs * |D_f| / forget_batch_size) instead
+  c.optimizer = "sgd"          # sgd | adam
+  c.learning_rate = 0.01
+  c.momentum = 0.9             # sgd only
+  c.weight_decay = 0.0
+  c.schedule = "cosine"        # cosine | constant
+  c.forget_batch_size = 128
+  c.retain_batch_size = 128
+  c.retain_subset_size = 0     # draw retain batches from this many retain images; 0 = all
+  return c
+
+
+# --- settings -----------------------------------------------------------------------------------
+def megu_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config.megu`` over the defaults; an unknown field fails, listing the known ones."""
+  settings = default_megu_config()
+  given = config.get("megu", None)
+  if given is None:
+    return settings
+  unknown = sorted(set(given.keys()) - set(settings.keys()))
+  if unknown:
+    raise UnlearningInputError(
+        f"config.megu has unknown field(s) {unknown}; known fields: {sorted(settings.keys())}")
+  settings.update(given)
+  return settings
+
+
+def _is_transition_file(source: str) -> bool:
+  return source.endswith(".npy") or os.sep in source
+
+
+def validate_settings(settings: ml_collections.ConfigDict, trained: train.Trained,
+                      config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Every field checked before any compute; a bad one raises naming it and what is allowed."""
+  f = lambda name: f"config.megu.{name}"
+  check_choice(f("activation"), settings.activation, tuple(trained.model.activation_names))
+  check_choice(f("noise"), settings.noise, noise_lib.NOISE_MODES)
+  check_choice(f("noise_per"), settings.noise_per, NOISE_PER)
+  check_choice(f("noise_schedule"), settings.noise_schedule, NOISE_SCHEDULES)
+  check_choice(f("optimizer"), settings.optimizer, OPTIMIZERS)
+  check_choice(f("schedule"), settings.schedule, SCHEDULES)
+  check_choice(f("label_mode"), settings.label_mode, transition_lib.PERTURBING_LABEL_MODES)
+  check_choice(f("label_guidance"), settings.label_guidance, LABEL_GUIDANCE)
+  for name in ("negative_weight", "positive_weight", "forget_weight", "retain_weight",
+               "kl_weight", "align_weight", "weight_decay", "momentum", "epochs"):
+    check_positive(f(name), settings[name], allow_zero=True)
+  for name in ("temperature", "guidance_temperature", "learning_rate", "negative_learning_rate",
+               "positive_learning_rate"):
+    check_positive(f(name), settings[name])
+  for name in ("steps", "noise_steps", "top_k", "retain_subset_size",
+               "prototype_samples_per_class", "forget_batch_size", "retain_batch_size"):
+    value = settings[name]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+      raise UnlearningInputError(f"{f(name)}={value!r} must be an integer >= 0")
+  if settings.steps == 0 and settings.epochs == 0:
+    raise UnlearningInputError(f"{f('steps')} and {f('epochs')} are both 0: nothing would run")
+  for name in ("forget_batch_size", "retain_batch_size"):
+    if settings[name] == 0 or settings[name] % num_devices:
+      raise UnlearningInputError(
+          f"{f(name)}={settings[name]} must be a positive multiple of the device count "
+          f"({num_devices})")
+  if settings.prototype_samples_per_class == 0:
+    raise UnlearningInputError(f"{f('prototype_samples_per_class')} must be >= 1")
+  num_classes = num_classes_of(trained)
+  if settings.top_k and settings.top_k > num_classes - 1:
+    raise UnlearningInputError(
+        f"{f('top_k')}={settings.top_k} must be at most {num_classes - 1} for {num_classes} "
+        "classes (0 keeps all)")
+  source = str(settings.transition)
+  if _is_transition_file(source):
+    # Loading validates size and content: a wrong T fails here, before any compute.
+    if not os.path.exists(source):
+      raise MissingTransitionFileError(
+          f"config.megu.transition={source!r}: no transition matrix at that path (give a .npy "
+          f"file or one of the offline oracles {OFFLINE_ORACLES})")
+    transition_lib.load_transition(source, num_classes)
+  elif source == "hierarchy":
+    _superclass_of(settings, config, num_classes)
+  elif source not in OFFLINE_ORACLES:
+    raise UnlearningInputError(
+        f"{f('transition')}={source!r} is neither a .npy file nor an offline oracle "
+        f"{OFFLINE_ORACLES} (build a gemini T with the gemini oracle and pass its .npy path)")
+
+
+def _superclass_of(settings, config, num_classes: int) -> np.ndarray:
+  """The grouping the hierarchy oracle needs: given, or the data set's own known one."""
+  if len(settings.superclass_of):
+    groups = np.asarray(settings.superclass_of, np.int32)
+  elif config.get("dataset") == "fashion_mnist" and num_classes == len(
+      datasets.FASHION_MNIST_GROUP_OF):
+    groups = np.asarray(datasets.FASHION_MNIST_GROUP_OF, np.int32)
+  else:
+    raise UnlearningInputError(
+        "config.megu.transition='hierarchy' needs config.megu.superclass_of (the group of each "
+        f"of the {num_classes} classes) for data set {config.get('dataset')!r}")
+  if groups.shape != (num_classes,):
+    raise UnlearningInputError(
+        f"config.megu.superclass_of has {groups.size} entries, the model has {num_classes} classes")
+  return groups
+
+
+def noise_rows_per_sample(settings, config) -> bool:
+  if settings.noise_per == "auto":
+    return config.get("scenario") == "random"
+  return settings.noise_per == "sample"
+
+
+# --- the transition matrix and perturbing labels -------------------------------------------------
+def build_transition(settings: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                     num_classes: int, features: np.ndarray | None = None,
+                     feature_labels: np.ndarray | None = None) -> np.ndarray:
+  """T [K, K] (float64, validated) from ``settings.transition``.
+
+  ``features`` ``[N, D]`` and ``feature_labels`` ``[N]`` (covering every class) are needed by the
+  prototype oracle only.
+  """
+  source = str(settings.transition)
+  if _is_transition_file(source):
+    return np.asarray(transition_lib.load_transition(source, num_classes), np.float64)
+  if source == "prototype":
+    scores = offline_oracles.prototype_scores(features, feature_labels, num_classes)
+  elif source == "hierarchy":
+    scores = offline_oracles.hierarchy_scores(_superclass_of(settings, config, num_classes))
+  else:
+    scores = offline_oracles.uniform_scores(num_classes)
+  T = transition_lib.scores_to_transition(scores, temperature=float(settings.temperature),
+                                          top_k=int(settings.top_k) or None)
+  transition_lib.validate_transition(T, num_classes)
+  return T
+
+
+def draw_perturbing_labels(key: jax.Array, T: np.ndarray, labels: np.ndarray,
+                           indices: np.ndarray, *, mode: str = "sample",
+                           original_logits: np.ndarray | None = None,
+                           guidance_temperature: float = 1.0) -> np.ndarray:
+  """One fixed perturbing label per forget sample, never its own class.
+
+  Each sample's draw uses ``fold_in(key, index)`` with its training-set index, so ỹ of a sample
+  does not depend on which other samples are forgotten or in what order they come.
+
+  Args:
+    T: [K, K] transition matrix.
+    labels: int [N], the forget samples' labels y.
+    indices: int [N], their training-set positions.
+    mode: "sample" or "argmax".
+    original_logits: [N, K] logits of the original model on the forget images; when given, the
+      row is T[y] · softmax(logits / guidance_temperature), renormalised (own class excluded).
+
+  Returns:
+    int32 [N].
+  """
+  T = jnp.asarray(T, jnp.float32)
+  labels = jnp.asarray(labels, jnp.int32)
+  num_classes = T.shape[0]
+  log_rows = jnp.log(jnp.maximum(T[labels], 1e-30))
+  possible = (T[labels] > 0) & ~jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
+  if original_logits is not None:
+    log_rows = log_rows + jax.nn.log_softmax(
+        jnp.asarray(original_logits, jnp.float32) / guidance_temperature, axis=-1)
+  log_rows = jnp.where(possible, log_rows, -jnp.inf)
+  if mode == "argmax":
+    return np.asarray(jnp.argmax(log_rows, axis=-1), np.int32)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(indices, jnp.uint32))
+  drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, log_rows)
+  return np.asarray(drawn, np.int32)
+
+
+# --- the pure steps ------------------------------------------------------------------------------
+@flax.struct.dataclass
+class MeguState:
+  """Everything the unlearning steps read and write, as pytrees."""
+  step: jax.Array                  # int32 scalar: finetuning steps done
+  params: Any                      # θ, being unlearned
+  opt_state: Any
+  noise: noise_lib.NoiseState
+  original_params: Any             # θ₀, frozen: the KL and alignment targets
+  batch_stats: Any                 # frozen BatchNorm statistics (see the module docstring)
+
+
+def make_optimizer(settings: ml_collections.ConfigDict, total_steps: int
+                   ) -> optax.GradientTransformation:
+  """The finetuning optimiser of θ."""
+  if settings.schedule == "cosine":
+    learning_rate = optax.cosine_decay_schedule(settings.learning_rate, max(1, total_steps))
+  else:
+    learning_rate = optax.constant_schedule(settings.learning_rate)
+  if settings.optimizer == "sgd":
+    opt = optax.sgd(learning_rate, momentum=settings.momentum or None)
+  else:
+    opt = optax.adam(learning_rate)
+  return optax.chain(optax.add_decayed_weights(settings.weight_decay), opt)
+
+
+def noise_optimizers(settings) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+  return optax.adam(settings.negative_learning_rate), optax.adam(settings.positive_learning_rate)
+
+
+def _network(model: nn.Module, activation_name: str, batch_stats):
+  """``g(params, images) -> (logits, z)`` and ``h(params, z) -> logits``, BatchNorm frozen."""
+
+  def g(params, images):
+    logits, activations = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                      train=False)
+    return logits, activations[activation_name]
+
+  def h(params, activation):
+    logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, activation,
+                            train=False, from_activation=activation_name)
+    return logits
+  return g, h
+
+
+def _noise_rows(batch: dict, per_sample: bool) -> jax.Array:
+  return batch["forget_row"] if per_sample else batch["forget_label"]
+
+
+def make_noise_step(model: nn.Module, settings: ml_collections.ConfigDict, *, mean, std,
+                    per_sample: bool) -> parallel.StepFactory:
+  """Factory of ``noise_step(state, batch, key) -> (state, metrics)``: the pair only, θ frozen."""
+  negative_tx, positive_tx = noise_optimizers(settings)
+
+  def factory(axis_name: str | None):
+
+    def noise_step(state: MeguState, batch: dict, key: jax.Array):
+      del key  # deterministic: no augmentation, no dropout
+      g, h = _network(model, settings.activation, state.batch_stats)
+      images = train.prepare_images({"image": batch["forget_image"]}, None, mean, std)
+      _, activation = g(state.params, images)
+      new_noise, metrics = noise_lib.noise_update(
+          state.noise, lambda z: h(state.params, z), activation, batch["forget_label"],
+          batch["forget_perturbing"], _noise_rows(batch, per_sample), batch["forget_perturbing"],
+          negative_weight=settings.negative_weight, positive_weight=settings.positive_weight,
+          negative_tx=negative_tx, positive_tx=positive_tx, mode=settings.noise,
+          axis_name=axis_name)
+      return state.replace(noise=new_noise), metrics
+    return noise_step
+  return factory
+
+
+def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
+                       settings: ml_collections.ConfigDict, *, mean, std, per_sample: bool,
+                       update_noise: bool) -> parallel.StepFactory:
+  """Factory of ``finetune_step(state, batch, key) -> (state, metrics)``.
+
+  With ``update_noise`` (the alternating schedule) the pair takes one step on the current θ first.
+  """
+  negative_tx, positive_tx = noise_optimizers(settings)
+  use_kl = settings.kl_weight > 0
+  use_align = settings.align_weight > 0
+
+  def factory(axis_name: str | None):
+
+    def finetune_step(state: MeguState, batch: dict, key: jax.Array):
+      del key
+      g, h = _network(model, settings.activation, state.batch_stats)
+      forget_images = train.prepare_images({"image": batch["forget_image"]}, None, mean, std)
+      retain_images = train.prepare_images({"image": batch["retain_image"]}, None, mean, std)
+      negative_rows = _noise_rows(batch, per_sample)
+      perturbing = batch["forget_perturbing"]
+      noise_metrics = {}
+      new_noise = state.noise
+      if update_noise:
+        _, activation = g(state.params, forget_images)
+        new_noise, noise_metrics = noise_lib.noise_update(
+            state.noise, lambda z: h(state.params, z), activation, batch["forget_label"],
+            perturbing, negative_rows, perturbing,
+            negative_weight=settings.negative_weight, positive_weight=settings.positive_weight,
+            negative_tx=negative_tx, positive_tx=positive_tx, mode=settings.noise,
+            axis_name=axis_name)
+      negative, positive = jax.lax.stop_gradient(
+          noise_lib.gather_noise(new_noise, negative_rows, perturbing, settings.noise))
+
+      original_retain_logits = original_activation = None
+      if use_kl:
+        original_retain_logits, _ = g(state.original_params, retain_images)
+      if use_align:
+        _, original_activation = g(state.original_params, forget_images)
+
+      def loss_fn(params):
+        _, activation = g(params, forget_images)
+        forget_logits = h(params, noise_lib.apply_noise(activation, negative, positive))
+        forget_loss = train.cross_entropy(forget_logits, perturbing)
+        retain_logits, _ = g(params, retain_images)
+        retain_loss = train.cross_entropy(retain_logits, batch["retain_label"])
+        loss = settings.forget_weight * forget_loss + settings.retain_weight * retain_loss
+        terms = {"forget_loss": forget_loss, "retain_loss": retain_loss}
+        if use_kl:
+          original_log_probs = jax.nn.log_softmax(original_retain_logits)
+          kl = jnp.mean(jnp.sum(jnp.exp(original_log_probs) * (
+              original_log_probs - jax.nn.log_softmax(retain_logits)), axis=-1))
+          loss += settings.kl_weight * kl
+          terms["kl"] = kl
+        if use_align:
+          target = jax.lax.stop_gradient(
+              noise_lib.apply_noise(original_activation, negative, positive))
+          align = jnp.mean(jnp.square(activation - target))
+          loss += settings.align_weight * align
+          terms["align"] = align
+        terms["forget_perturbing_acc"] = jnp.mean(jnp.argmax(forget_logits, -1) == perturbing)
+        terms["retain_acc"] = jnp.mean(jnp.argmax(retain_logits, -1) == batch["retain_label"])
+        return loss, terms
+
+      (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      grads = parallel.cross_device_mean(grads, axis_name)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      new_state = state.replace(step=state.step + 1,
+                                params=optax.apply_updates(state.params, updates),
+                                opt_state=opt_state, noise=new_noise)
+      metrics = parallel.cross_device_mean({"loss": loss, **terms}, axis_name)
+      return new_state, {**metrics, **noise_metrics}
+    return finetune_step
+  return factory
+
+
+# --- host side: batches ---------------------------------------------------------------------------
+def _row_stream(rng: np.random.Generator, num_rows: int, count: int) -> np.ndarray:
+  """``count`` row numbers: successive shuffles of ``range(num_rows)`` (repeats when count > N)."""
+  epochs = math.ceil(count / num_rows)
+  return np.concatenate([rng.permutation(num_rows) for _ in range(epochs)])[:count]
+
+
+def _forget_batches(rng, forget_data, perturbing, batch_size, num_steps):
+  rows = _row_stream(rng, len(forget_data), batch_size * num_steps).reshape(num_steps, batch_size)
+  for step_rows in rows:
+    yield {"forget_image": forget_data.images[step_rows],
+           "forget_label": forget_data.labels[step_rows],
+           "forget_perturbing": perturbing[step_rows],
+           "forget_row": step_rows.astype(np.int32)}
+
+
+def _retain_batches(rng, retain_rows, retain_data, batch_size, num_steps):
+  rows = retain_rows[_row_stream(rng, len(retain_rows), batch_size * num_steps)]
+  for step_rows in rows.reshape(num_steps, batch_size):
+    yield {"retain_image": retain_data.images[step_rows],
+           "retain_label": retain_data.labels[step_rows]}
+
+
+def _balanced_subset(rng, labels: np.ndarray, per_class: int) -> np.ndarray:
+  """Up to ``per_class`` random rows of every label present."""
+  chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+  return np.sort(np.concatenate(chosen))
+
+
+def _run_phase(step_fn, state, batches, key, timings_key, timings):
+  """Runs the steps; the first call's time (compilation) goes to compile_s, the rest to key."""
+  start = time.perf_counter()
+  metrics = None
+  for i, batch in enumerate(batches):
+    state, metrics = step_fn(state, batch, parallel.fold_in_step(key, i))
+    if i == 0:
+      jax.block_until_ready(metrics)
+      timings["compile_s"] = timings.get("compile_s", 0.0) + time.perf_counter() - start
+      start = time.perf_counter()
+  state = jax.block_until_ready(state)
+  timings[timings_key] = timings.get(timings_key, 0.0) + time.perf_counter() - start
+  return state, (None if metrics is None else jax.device_get(metrics))
+
+
+def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnData,
+                     config: ml_collections.ConfigDict, key: jax.Array,
+                     rng: np.random.Generator | None = None,
+                     dp: parallel.DataParallel | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """T, the perturbing labels and the retain rows that MeGU uses, without any finetuning.
+
+  Public so that a report can show (e.g. plot) exactly the T that a run used.
+
+  Returns:
+    T: [K, K] float64 transition matrix.
+    perturbing: int32 [len(forget_data)], ỹ of every forget sample.
+    retain_rows: int [R], the rows of ``retain_data`` that retain batches are drawn from.
+  """
+  settings = megu_settings(config)
+  dp = dp or parallel.DataParallel(config.get("parallel", "mesh"))
+  rng = rng or np.random.default_rng(0)
+  num_classes = num_classes_of(trained)
+  retain_rows = np.arange(len(retain_data))
+  if settings.retain_subset_size and settings.retain_subset_size < len(retain_data):
+    retain_rows = np.sort(rng.choice(len(retain_data), settings.retain_subset_size,
+                                     replace=False))
+  need_prototypes = str(settings.transition) == "prototype"
+  need_guidance = settings.label_guidance == "transition_x_model"
+  features = feature_labels = forget_logits = None
+  if need_prototypes or need_guidance:
+    # One pass of the original model over the forget images (and, for the prototypes, a
+    # class-balanced retain sample): far cheaper than scoring the whole training set.
+    forget_out = train.predict(trained, forget_data.images, 1000, dp)
+    forget_logits = forget_out["logits"]
+    if need_prototypes:
+      per_class = settings.prototype_samples_per_class
+      prototype_rows = retain_rows[_balanced_subset(rng, retain_data.labels[retain_rows],
+                                                    per_class)]
+      forget_rows = _balanced_subset(rng, forget_data.labels, per_class)
+      retain_features = train.predict(trained, retain_data.images[prototype_rows], 1000,
+                                      dp)["features"]
+      features = np.concatenate([forget_out["features"][forget_rows], retain_features])
+      feature_labels = np.concatenate([forget_data.labels[forget_rows],
+                                       retain_data.labels[prototype_rows]])
+  T = build_transition(settings, config, num_classes, features, feature_labels)
+  perturbing = draw_perturbing_labels(
+      key, T, forget_data.labels, forget_data.indices, mode=settings.label_mode,
+      original_logits=forget_logits if need_guidance else None,
+      guidance_temperature=settings.guidance_temperature)
+  return T, perturbing, retain_rows
+
+
+# --- the method ----------------------------------------------------------------------------------
+@register("megu")
+def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnData,
+         config: ml_collections.ConfigDict, key: jax.Array, *,
+         timings: dict | None = None, diagnostics: dict | None = None) -> train.Trained:
+  """Unlearns ``forget_data`` from ``trained`` with MeGU; settings in ``config.megu``.
+
+  ``timings`` (if given) receives, in seconds, ``transition_s`` (features, T, perturbing labels),
+  ``noise_s`` (the noise phase), ``finetune_s`` and ``compile_s`` (first call of each compiled
+  step). ``diagnostics`` (if given) receives ``transition`` (T), ``perturbing_labels`` and the last
+  ``noise_metrics`` / ``finetune_metrics``.
+  """
+  timings = {} if timings is None else timings
+  dp = parallel.DataParallel(config.get("parallel", "mesh"))
+  settings = megu_settings(config)
+  validate_settings(settings, trained, config, dp.num_devices)
+  check_data(trained, forget_data, retain_data)
+  num_classes = num_classes_of(trained)
+  per_sample = noise_rows_per_sample(settings, config)
+  label_key, batch_key, step_key = jax.random.split(key, 3)
+  rng = np.random.default_rng(int(jax.random.randint(batch_key, (), 0, np.iinfo(np.int32).max)))
+
+  # 1-2. Transition matrix and perturbing labels: the "machine guidance", computed once.
+  start = time.perf_counter()
+  T, perturbing, retain_rows = machine_guidance(trained, forget_data, retain_data, config,
+                                                label_key, rng, dp)
+  timings["transition_s"] = time.perf_counter() - start
+  if diagnostics is not None:
+    diagnostics.update(transition=T, perturbing_labels=perturbing)
+
+  # 3-4. Noise pair and finetuning, in pure jitted steps.
+  steps = settings.steps
+  if settings.epochs > 0:
+    steps = math.ceil(settings.epochs * len(forget_data) / settings.forget_batch_size)
+  tx = make_optimizer(settings, steps)
+  negative_tx, positive_tx = noise_optimizers(settings)
+  activation_shape = _activation_shape(trained, settings.activation, forget_data.images[:1])
+  noise_state = noise_lib.init_noise(activation_shape,
+                                     len(forget_data) if per_sample else num_classes,
+                                     num_classes, negative_tx, positive_tx)
+  # Host copies: the steps donate their state, and θ and θ₀ must be distinct buffers that are
+  # not the caller's (``trained`` stays usable after the call).
+  host_copy = lambda tree: jax.tree.map(np.array, jax.device_get(tree))
+  state = MeguState(step=jnp.zeros((), jnp.int32), params=host_copy(trained.state.params),
+                    opt_state=tx.init(host_copy(trained.state.params)), noise=noise_state,
+                    original_params=host_copy(trained.state.params),
+                    batch_stats=host_copy(trained.state.batch_stats))
+  state = dp.put_replicated(state)
+  noise_key, finetune_key = jax.random.split(step_key)
+
+  timings.setdefault("noise_s", 0.0)
+  if settings.noise != "none" and settings.noise_schedule == "before" and settings.noise_steps:
+    noise_step = dp.compile_step(make_noise_step(trained.model, settings, mean=trained.mean,
+                                                 std=trained.std, per_sample=per_sample))
+    batches = (dp.put_batch(b) for b in _forget_batches(
+        rng, forget_data, perturbing, settings.forget_batch_size, settings.noise_steps))
+    state, noise_metrics = _run_phase(noise_step, state, batches, noise_key, "noise_s", timings)
+    if diagnostics is not None:
+      diagnostics["noise_metrics"] = noise_metrics
+
+  finetune_step = dp.compile_step(make_finetune_step(
+      trained.model, tx, settings, mean=trained.mean, std=trained.std, per_sample=per_sample,
+      update_noise=settings.noise != "none" and settings.noise_schedule == "alternating"))
+  batches = (dp.put_batch({**f, **r}) for f, r in zip(
+      _forget_batches(rng, forget_data, perturbing, settings.forget_batch_size, steps),
+      _retain_batches(rng, retain_rows, retain_data, settings.retain_batch_size, steps)))
+  state, last_metrics = _run_phase(finetune_step, state, batches, finetune_key, "finetune_s",
+                                   timings)
+  if diagnostics is not None:
+    diagnostics["finetune_metrics"] = last_metrics
+
+  state = dp.get_replicated(state)
+  unlearned = trained.state.replace(params=state.params)
+  return train.Trained(config=trained.config, model=trained.model, state=unlearned,
+                       mean=trained.mean, std=trained.std)
+
+
+def _activation_shape(trained: train.Trained, name: str, images: np.ndarray) -> tuple[int, ...]:
+  """The per-example shape of activation ``name``, from an abstract evaluation (no compute)."""
+  variables = {"params": trained.state.params, "batch_stats": trained.state.batch_stats}
+  x = jax.ShapeDtypeStruct((1,) + images.shape[1:], jnp.float32)
+  _, activations = jax.eval_shape(lambda v, x: trained.model.apply(v, x, train=False),
+                                  variables, x)
+  return tuple(activations[name].shape[1:])

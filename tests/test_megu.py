@@ -1,0 +1,232 @@
+"""MeGU end to end on digits, its pure steps on 1 vs 2 devices, the registry and bad input."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments.configs import digits as digits_config
+from megu_jax import datasets
+from megu_jax import metrics
+from megu_jax import noise as noise_lib
+from megu_jax import parallel
+from megu_jax import splits
+from megu_jax import train
+from megu_jax import transition
+from megu_jax import unlearning
+from megu_jax.unlearning import megu as megu_lib
+
+FORGET = "3"
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return datasets.load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def trained(digits, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("digits_original"))
+  train.train_and_evaluate(digits_config.get_config(), workdir, dataset=digits)
+  return train.restore_trained(workdir)
+
+
+@pytest.fixture(scope="module")
+def split(digits):
+  return splits.make_split(digits, "full_class", forget=(FORGET,))
+
+
+def unlearn_data(digits, split):
+  forget = unlearning.UnlearnData.from_positions(digits.train_images, digits.train_labels,
+                                                 split.forget_train)
+  retain = unlearning.UnlearnData.from_positions(digits.train_images, digits.train_labels,
+                                                 split.retain_train)
+  return forget, retain
+
+
+def experiment_config(**megu_fields):
+  config = digits_config.get_config()
+  config.megu = megu_lib.default_megu_config()
+  # Digits batches are small (1437 training images): scale the recipe down, keep its shape.
+  config.megu.update(forget_batch_size=32, retain_batch_size=32, noise_steps=30, steps=60,
+                     learning_rate=0.02, prototype_samples_per_class=50)
+  config.megu.update(megu_fields)
+  return config
+
+
+def test_a_short_megu_run_forgets_the_class_and_keeps_the_rest(digits, trained, split):
+  forget, retain = unlearn_data(digits, split)
+  timings, diagnostics = {}, {}
+  unlearned = unlearning.get_method("megu")(trained, forget, retain, experiment_config(),
+                                            jax.random.key(0), timings=timings,
+                                            diagnostics=diagnostics)
+
+  def test_accuracies(model):
+    logits = train.predict(model, digits.test_images)["logits"]
+    return (metrics.accuracy(logits[split.forget_test], digits.test_labels[split.forget_test]),
+            metrics.accuracy(logits[split.retain_test], digits.test_labels[split.retain_test]))
+
+  forget_before, retain_before = test_accuracies(trained)
+  forget_after, retain_after = test_accuracies(unlearned)
+  assert forget_before > 0.85, "the original model should know the class it is asked to forget"
+  assert forget_after < 0.15, (forget_before, forget_after)
+  assert retain_after > retain_before - 0.04, (retain_before, retain_after)
+
+  # The perturbing labels follow T and never name the forgotten class itself.
+  T = diagnostics["transition"]
+  transition.validate_transition(T, digits.num_classes)
+  assert not np.any(diagnostics["perturbing_labels"] == int(FORGET))
+  for name in ("transition_s", "noise_s", "finetune_s", "compile_s"):
+    assert timings[name] > 0, name
+  # The positive noise moved the forget features to the perturbing classes: the CE of ỹ, huge on
+  # a clean, memorised 3, is below chance level's log(10) with the pair.
+  assert diagnostics["noise_metrics"]["positive_ce"] < np.log(10)
+  # Only θ changed: BatchNorm statistics are frozen during unlearning.
+  for a, b in zip(jax.tree.leaves(trained.state.batch_stats),
+                  jax.tree.leaves(unlearned.state.batch_stats)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def run_unlearning_steps(trained, forget, mode, num_devices, settings, num_steps=3):
+  """A noise step then finetuning steps that update the noise, the KL and the alignment terms."""
+  dp = parallel.DataParallel(mode, tuple(jax.devices()[:num_devices]))
+  model = trained.model
+  tx = megu_lib.make_optimizer(settings, num_steps)
+  negative_tx, positive_tx = megu_lib.noise_optimizers(settings)
+  noise_state = noise_lib.init_noise((32,), len(forget), digits_num_classes(trained), negative_tx,
+                                     positive_tx)
+  host = lambda tree: jax.tree.map(np.array, jax.device_get(tree))  # distinct, donatable buffers
+  state = dp.put_replicated(megu_lib.MeguState(
+      step=jnp.zeros((), jnp.int32), params=host(trained.state.params),
+      opt_state=tx.init(host(trained.state.params)), noise=noise_state,
+      original_params=host(trained.state.params), batch_stats=host(trained.state.batch_stats)))
+  common = dict(mean=trained.mean, std=trained.std, per_sample=True)
+  noise_step = dp.compile_step(megu_lib.make_noise_step(model, settings, **common))
+  finetune_step = dp.compile_step(megu_lib.make_finetune_step(model, tx, settings,
+                                                              update_noise=True, **common))
+  rows = np.arange(16)
+  batch = {"forget_image": forget.images[rows], "forget_label": forget.labels[rows],
+           "forget_perturbing": (forget.labels[rows] + 1 + rows % 3).astype(np.int32) % 10,
+           "forget_row": rows.astype(np.int32),
+           "retain_image": forget.images[rows + 16], "retain_label": forget.labels[rows]}
+  key = jax.random.key(0)
+  state, _ = noise_step(state, dp.put_batch(batch), key)
+  losses = []
+  for step in range(num_steps):
+    state, step_metrics = finetune_step(state, dp.put_batch(batch), jax.random.fold_in(key, step))
+    losses.append(float(step_metrics["loss"]))
+  return np.array(losses), jax.device_get(dp.get_replicated(state))
+
+
+def digits_num_classes(trained):
+  return int(trained.model.num_classes)
+
+
+def test_unlearning_steps_on_mesh_and_pmap_equal_one_device(digits, trained, split):
+  forget, _ = unlearn_data(digits, split)
+  settings = megu_lib.default_megu_config()
+  settings.update(kl_weight=0.5, align_weight=0.1, learning_rate=0.05)
+  reference_losses, reference_state = run_unlearning_steps(trained, forget, "mesh", 1, settings)
+  assert np.all(np.isfinite(reference_losses))
+  assert float(np.abs(reference_state.noise.negative).max()) > 0  # the noise moved
+  for mode in ("mesh", "pmap"):
+    losses, state = run_unlearning_steps(trained, forget, mode, 2, settings)
+    # Same float32 program up to the order of cross-device reductions.
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5, atol=1e-6, err_msg=mode)
+    for ref, got in zip(jax.tree.leaves(reference_state), jax.tree.leaves(state)):
+      np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5, err_msg=mode)
+
+
+def test_perturbing_labels_are_fixed_per_sample_and_never_the_own_class():
+  T = transition.scores_to_transition(np.random.default_rng(0).uniform(0, 10, (5, 5)))
+  labels = np.array([0, 1, 2, 3, 4] * 20, np.int32)
+  indices = np.arange(100, 200, dtype=np.int32)
+  key = jax.random.key(3)
+  drawn = megu_lib.draw_perturbing_labels(key, T, labels, indices)
+  assert drawn.shape == (100,) and drawn.dtype == np.int32
+  assert not np.any(drawn == labels)
+  # A sample's label depends on its index only, not on which other samples are forgotten.
+  subset = np.arange(0, 100, 7)
+  np.testing.assert_array_equal(
+      megu_lib.draw_perturbing_labels(key, T, labels[subset], indices[subset]), drawn[subset])
+  np.testing.assert_array_equal(megu_lib.draw_perturbing_labels(key, T, labels, indices,
+                                                                mode="argmax"),
+                                np.argmax(T[labels], -1))
+  # Model guidance: a model certain that every sample looks like class (y + 2) % 5 moves ỹ there.
+  logits = 20.0 * np.eye(5)[(labels + 2) % 5]
+  guided = megu_lib.draw_perturbing_labels(key, T, labels, indices, original_logits=logits)
+  assert np.mean(guided == (labels + 2) % 5) > 0.95
+
+
+def test_original_is_the_identity_and_retrain_starts_from_scratch(digits, trained, split):
+  forget, retain = unlearn_data(digits, split)
+  config = digits_config.get_config("quick")
+  assert unlearning.get_method("original")(trained, forget, retain, config,
+                                           jax.random.key(0)) is trained
+  timings = {}
+  retrained = unlearning.get_method("retrain")(trained, forget, retain, config,
+                                               jax.random.key(0), timings=timings)
+  logits = train.predict(retrained, digits.test_images)["logits"]
+  assert metrics.accuracy(logits[split.retain_test], digits.test_labels[split.retain_test]) > 0.7
+  # Never shown a 3, the retrained model does not recognise 3s.
+  assert metrics.accuracy(logits[split.forget_test], digits.test_labels[split.forget_test]) < 0.2
+  assert timings["train_s"] > 0
+
+
+def test_unknown_method_name_lists_the_registered_ones():
+  assert {"megu", "original", "retrain"} <= set(unlearning.UNLEARNING_METHODS)
+  with pytest.raises(ValueError, match=r"'mgeu'.*\['megu', 'original', 'retrain'"):
+    unlearning.get_method("mgeu")
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+  """Makes any model evaluation or step compilation fail loudly."""
+  def forbidden(*args, **kwargs):
+    raise AssertionError("compute started before the input was validated")
+  monkeypatch.setattr(train, "predict", forbidden)
+  monkeypatch.setattr(parallel.DataParallel, "compile_step", forbidden)
+
+
+def test_a_transition_matrix_of_the_wrong_size_fails_before_any_compute(
+    tmp_path, digits, trained, split, no_compute):
+  forget, retain = unlearn_data(digits, split)
+  path = str(tmp_path / "t3.npy")
+  np.save(path, transition.scores_to_transition(np.ones((3, 3))))
+  with pytest.raises(transition.InvalidTransitionError, match="3 x 3.*10 classes"):
+    megu_lib.megu(trained, forget, retain, experiment_config(transition=path), jax.random.key(0))
+  bad = transition.scores_to_transition(np.ones((10, 10)))
+  bad[0, 0] = 0.5
+  np.save(path, bad)
+  with pytest.raises(transition.InvalidTransitionError, match="diagonal"):
+    megu_lib.megu(trained, forget, retain, experiment_config(transition=path), jax.random.key(0))
+
+
+@pytest.mark.parametrize("fields,pattern", [
+    ({"transition": "gemini"}, "transition='gemini'.*prototype"),
+    ({"transition": "/no/such/T.npy"}, "T.npy.*no transition matrix"),
+    ({"activation": "block9"}, "activation='block9'.*features"),
+    ({"noise": "more"}, "noise='more'"),
+    ({"noise_schedule": "after"}, "noise_schedule='after'.*alternating"),
+    ({"label_mode": "top"}, "label_mode='top'.*argmax"),
+    ({"forget_batch_size": 33}, "forget_batch_size=33.*multiple of the device count"),
+    ({"learning_rate": -1.0}, "learning_rate=-1.0"),
+    ({"top_k": 12}, "top_k=12"),
+])
+def test_bad_settings_fail_before_any_compute(digits, trained, split, no_compute, fields,
+                                              pattern):
+  forget, retain = unlearn_data(digits, split)
+  with pytest.raises(ValueError, match=pattern):
+    megu_lib.megu(trained, forget, retain, experiment_config(**fields), jax.random.key(0))
+
+
+def test_unknown_setting_and_out_of_range_labels_fail_before_any_compute(
+    digits, trained, split, no_compute):
+  forget, retain = unlearn_data(digits, split)
+  config = experiment_config()
+  config.megu.lamda = 0.1
+  with pytest.raises(ValueError, match="unknown field.*lamda.*negative_weight"):
+    megu_lib.megu(trained, forget, retain, config, jax.random.key(0))
+  wrong = unlearning.UnlearnData(forget.images, forget.labels + 20, forget.indices)
+  with pytest.raises(ValueError, match=r"forget_data.labels span \[23, 23\].*\[0, 10\)"):
+    megu_lib.megu(trained, wrong, retain, experiment_config(), jax.random.key(0))
