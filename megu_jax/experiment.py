@@ -8,9 +8,13 @@ the workdir is rewritten atomically at the end.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 import os
 import re
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -53,14 +57,26 @@ def _slug(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "none"
 
 
-def model_dirs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+# The fields that determine a trained model: a change to any of them must not reuse an old one.
+RECIPE_FIELDS = ("dataset", "data_dir", "model", "batch_size", "epochs", "learning_rate",
+                 "momentum", "weight_decay", "schedule", "step_epochs", "step_factor", "augment")
+
+
+def recipe_hash(config: ml_collections.ConfigDict) -> str:
+  recipe = {field: config.get(field) for field in RECIPE_FIELDS}
+  text = json.dumps(recipe, sort_keys=True, default=lambda v: v.to_dict() if hasattr(
+      v, "to_dict") else list(v))
+  return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def model_dirs(config: ml_collections.ConfigDict, models_root: str) -> dict[str, str]:
+  """Where the original and Retrain models of ``config`` live: keyed by what determines them."""
   level = train.training_labels_level(config)
   what = (f"random{config.forget_size}" if config.scenario == "random"
           else _slug(str(config.forget)))
-  models_dir = os.path.join(workdir, "models")
-  return {"original": os.path.join(models_dir, f"original_{level}_seed{config.seed}"),
-          "retrain": os.path.join(models_dir,
-                                  f"retrain_{config.scenario}_{what}_seed{config.seed}")}
+  suffix = f"seed{config.seed}_{recipe_hash(config)}"
+  return {"original": os.path.join(models_root, f"original_{level}_{suffix}"),
+          "retrain": os.path.join(models_root, f"retrain_{config.scenario}_{what}_{suffix}")}
 
 
 def _train_reference(config, directory, dataset, retrain: bool) -> tuple[train.Trained, dict]:
@@ -125,63 +141,113 @@ def validate_before_compute(config: ml_collections.ConfigDict) -> tuple[datasets
   return dataset, split, methods
 
 
-def run_unlearning(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs every method of ``config.methods`` on one split; writes results, report and plots."""
-  dataset, split, methods = validate_before_compute(config)
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """Everything the methods of one (config, split) share: data, references, T, related set."""
+  config: ml_collections.ConfigDict         # the experiment config
+  method_config: ml_collections.ConfigDict  # the same, with MeGU pointed at the T file
+  dataset: datasets.Dataset
+  split: splits.ForgetSplit
+  original: train.Trained
+  original_final: dict
+  retrained: train.Trained
+  retrain_final: dict
+  transition: np.ndarray
+  transition_info: dict
+  related: evaluation.Related
+  forget_data: unlearning.UnlearnData
+  retain_data: unlearning.UnlearnData
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, models_root: str | None = None,
+            checked: tuple | None = None) -> Setting:
+  """Validates, then trains or resumes the references and builds T for one split.
+
+  ``models_root`` (default ``workdir/models``) holds the trained models, so that several runs (the
+  benchmark's cells) share them; ``checked`` is :func:`validate_before_compute`'s result when the
+  caller already has it.
+  """
+  dataset, split, _ = checked or validate_before_compute(config)
   os.makedirs(workdir, exist_ok=True)
   splits.save_split(split, os.path.join(workdir, "split"))
-  dirs = model_dirs(config, workdir)
+  dirs = model_dirs(config, models_root or os.path.join(workdir, "models"))
   original, original_final = _train_reference(config, dirs["original"], dataset, retrain=False)
   retrained, retrain_final = _train_reference(config, dirs["retrain"], dataset, retrain=True)
-
   matrix, transition_info = resolve_transition(config, dataset, original, split.retain_train,
                                                workdir)
   method_config = copy.deepcopy(config)
   with method_config.unlocked():
     if "megu" in method_config:
       method_config.megu.transition = transition_info["path"]
+  return Setting(
+      config=config, method_config=method_config, dataset=dataset, split=split,
+      original=original, original_final=original_final, retrained=retrained,
+      retrain_final=retrain_final, transition=matrix, transition_info=transition_info,
+      related=evaluation.related_test_set(dataset, split, similarity=matrix),
+      forget_data=unlearning.UnlearnData.from_positions(dataset.train_images,
+                                                        dataset.train_labels, split.forget_train),
+      retain_data=unlearning.UnlearnData.from_positions(dataset.train_images,
+                                                        dataset.train_labels, split.retain_train))
 
-  related = evaluation.related_test_set(dataset, split, similarity=matrix)
-  forget_data = unlearning.UnlearnData.from_positions(dataset.train_images, dataset.train_labels,
-                                                      split.forget_train)
-  retain_data = unlearning.UnlearnData.from_positions(dataset.train_images, dataset.train_labels,
-                                                      split.retain_train)
-  results: dict[str, dict] = {}
-  per_class: dict[str, np.ndarray] = {}  # test accuracy per class, for the plot
-  for name in methods:
-    timings: dict[str, float] = {}
-    if name == "original":
-      unlearned, time_s, compile_s = original, 0.0, 0.0
-    elif name == "retrain":
-      unlearned = retrained
-      time_s, compile_s = retrain_final["time_s"], retrain_final["compile_s"]
-    else:
-      key = jax.random.fold_in(jax.random.key(config.seed), len(results))
-      start = time.perf_counter()
-      unlearned = unlearning.get_method(name)(original, forget_data, retain_data, method_config,
-                                              key, timings=timings)
-      jax.block_until_ready(unlearned.state)
-      wall = time.perf_counter() - start
-      compile_s = float(timings.get("compile_s", 0.0))
-      time_s = wall - compile_s
-    train_out = train.predict(unlearned, dataset.train_images, config.eval_batch_size)
-    test_out = train.predict(unlearned, dataset.test_images, config.eval_batch_size)
-    result = evaluation.metrics_from_outputs(train_out, test_out, dataset, split, related,
-                                             seed=config.seed)
-    per_class[name] = metrics.class_accuracies(test_out["logits"], dataset.test_labels,
-                                               dataset.num_classes)
-    result.update(time_s=float(time_s), compile_s=float(compile_s),
-                  **{k: float(v) for k, v in timings.items() if k != "compile_s"})
-    results[name] = result
+
+def run_method(setting: Setting, name: str) -> tuple[dict[str, float], np.ndarray]:
+  """Runs (or, for the references, looks up) one method and evaluates it.
+
+  Returns its metrics (plus ``time_s``, ``compile_s`` and the method's own phase timings) and its
+  per-class test accuracy ``[K]``. ``time_s`` is the unlearning call alone, without compilation;
+  Retrain's is its training time.
+  """
+  timings: dict[str, float] = {}
+  if name == "original":
+    unlearned, time_s, compile_s = setting.original, 0.0, 0.0
+  elif name == "retrain":
+    unlearned = setting.retrained
+    time_s, compile_s = setting.retrain_final["time_s"], setting.retrain_final["compile_s"]
+  else:
+    # A key per method name, so that a method's draws do not depend on which others ran.
+    key = jax.random.fold_in(jax.random.key(setting.config.seed), zlib.crc32(name.encode()))
+    start = time.perf_counter()
+    unlearned = unlearning.get_method(name)(setting.original, setting.forget_data,
+                                            setting.retain_data, setting.method_config, key,
+                                            timings=timings)
+    jax.block_until_ready(unlearned.state)
+    compile_s = float(timings.get("compile_s", 0.0))
+    time_s = time.perf_counter() - start - compile_s
+  batch_size = setting.config.eval_batch_size
+  train_out = train.predict(unlearned, setting.dataset.train_images, batch_size)
+  test_out = train.predict(unlearned, setting.dataset.test_images, batch_size)
+  result = evaluation.metrics_from_outputs(train_out, test_out, setting.dataset, setting.split,
+                                           setting.related, seed=setting.config.seed)
+  result.update(time_s=float(time_s), compile_s=compile_s,
+                **{k: float(v) for k, v in timings.items() if k != "compile_s"})
+  per_class = metrics.class_accuracies(test_out["logits"], setting.dataset.test_labels,
+                                       setting.dataset.num_classes)
+  return result, per_class
+
+
+def add_avg_gaps(results: dict[str, dict]) -> None:
+  """``avg_gap`` to Retrain for every method but Retrain itself."""
   for name, result in results.items():
     if name != "retrain":
       result["avg_gap"] = metrics.avg_gap(result, results["retrain"])
 
+
+def run_unlearning(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs every method of ``config.methods`` on one split; writes results, report and plots."""
+  checked = validate_before_compute(config)
+  setting = prepare(config, workdir, checked=checked)
+  results: dict[str, dict] = {}
+  per_class: dict[str, np.ndarray] = {}  # test accuracy per class, for the plot
+  for name in checked[2]:
+    results[name], per_class[name] = run_method(setting, name)
+  add_avg_gaps(results)
+
+  dataset, split = setting.dataset, setting.split
   summary = {
       "dataset": dataset.name, "scenario": split.scenario, "forget": list(split.forget),
       "forget_size": int(len(split.forget_train)), "seed": int(config.seed),
-      "related": related.description, "transition": transition_info,
-      "original_train": original_final, "retrain_train": retrain_final,
+      "related": setting.related.description, "transition": setting.transition_info,
+      "original_train": setting.original_final, "retrain_train": setting.retrain_final,
       "methods": results,
   }
   io_utils.atomic_write_json(os.path.join(workdir, "results.json"), summary)
@@ -190,10 +256,9 @@ def run_unlearning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       {name: acc for name, acc in per_class.items() if name in ("original", "retrain", "megu")},
       dataset.class_names, os.path.join(workdir, "per_class_accuracy.png"),
       title=f"{dataset.name}: forget {forgotten}")
-  plotting.plot_transition_heatmap(matrix, dataset.class_names,
+  plotting.plot_transition_heatmap(setting.transition, dataset.class_names,
                                    os.path.join(workdir, "transition.png"),
-                                   title=f"T ({transition_info['oracle']})")
+                                   title=f"T ({setting.transition_info['oracle']})")
   io_utils.atomic_write_text(os.path.join(workdir, "report.md"),
                              reporting.results_markdown(summary))
   return summary
-

@@ -43,10 +43,12 @@ def test_results_json_schema_report_and_plots(tmp_path):
   report = (tmp_path / "report.md").read_text()
   assert "| megu |" in report and "| retrain |" in report
   # Models are reused on a rerun: the checkpoints are not rewritten.
-  original_dir = tmp_path / "models" / "original_fine_seed0"
+  original_dir = tmp_path / "models" / f"original_fine_seed0_{experiment.recipe_hash(quick_config())}"
   stamp = os.path.getmtime(original_dir / "final_metrics.json")
   experiment.run_unlearning(quick_config(methods="original"), str(tmp_path))
   assert os.path.getmtime(original_dir / "final_metrics.json") == stamp
+  # ... but a changed recipe trains a new model.
+  assert experiment.recipe_hash(quick_config(epochs=3)) != experiment.recipe_hash(quick_config())
 
 
 @pytest.mark.parametrize("overrides,pattern", [
