@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -67,8 +68,55 @@ def plot_per_class_accuracy(per_class: Mapping[str, np.ndarray], class_names: Se
   if title:
     ax.set_title(title)
   fig.tight_layout()
+  return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=120)
   plt.close(fig)
   io_utils.atomic_write_bytes(path, buffer.getvalue())
   return path
+
+
+def plot_benchmark(benchmark: Mapping, directory: str) -> list[str]:
+  """Dr against Df (Retrain marked), MIA per method, time per method (log scale), per scenario."""
+  summary = benchmark["summary"]
+  labels = list(summary)
+  mean = lambda stats, key: 100 * stats[key]["mean"] if key in stats else np.nan
+  paths = []
+
+  fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.8), squeeze=False)
+  for ax, label in zip(axes[0], labels):
+    for method, stats in summary[label].items():
+      marker = "*" if method == "retrain" else "o"
+      ax.scatter(mean(stats, "forget_test_acc"), mean(stats, "retain_test_acc"), marker=marker,
+                 s=160 if method == "retrain" else 40, zorder=3)
+      ax.annotate(method, (mean(stats, "forget_test_acc"), mean(stats, "retain_test_acc")),
+                  fontsize="x-small", xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("Df: forget accuracy (%)")
+    ax.set_ylabel("Dr: retain test accuracy (%)")
+    ax.set_title(label, fontsize="small")
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  paths.append(_save(fig, os.path.join(directory, "dr_vs_df.png")))
+
+  for key, name, ylabel, log in (("mia_entropy_lr", "mia.png", "MIA, entropy LR (%)", False),
+                                 ("time_s", "time.png", "unlearning time (s)", True)):
+    methods = list(benchmark["methods"])
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(methods) * len(labels)), 3.8))
+    for i, label in enumerate(labels):
+      values = [summary[label].get(m, {}).get(key, {}).get("mean", np.nan) for m in methods]
+      values = np.asarray(values, float) * (1 if key == "time_s" else 100)
+      ax.bar(np.arange(len(methods)) + (i - (len(labels) - 1) / 2) * width, values, width,
+             label=label)
+    ax.set_xticks(np.arange(len(methods)))
+    ax.set_xticklabels(methods, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    if log:
+      ax.set_yscale("log")
+    ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    paths.append(_save(fig, os.path.join(directory, name)))
+  return paths

@@ -57,6 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.transition_top_k = 0             # keep the k most similar classes per row; 0 = all
   config.megu = megu.default_megu_config()
 
+  # The benchmark (experiments.benchmark): SCENARIO:WHAT items, ';'-separated, and seeds 0..seeds-1.
+  config.benchmark_scenarios = "full_class:Shirt;sub_class:Sneaker;random:100"
+  config.seeds = 1
+
   if arg == "quick":
     config.epochs = 1
     config.checkpoint_every_steps = 20

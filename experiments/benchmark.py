@@ -1,0 +1,36 @@
+r"""The benchmark: every method x scenario x seed, resumable, aggregated into tables and plots.
+
+  python -m experiments.benchmark --config=experiments/configs/fashion_mnist.py \
+      --workdir=runs/benchmark --config.methods=all --config.seeds=3
+
+Scenarios come from ``--config.benchmark_scenarios`` (default
+``full_class:Shirt;sub_class:Sneaker;random:100``). A rerun skips every finished cell. Writes
+``benchmark.json``, ``benchmark.md``, ``dr_vs_df.png``, ``mia.png`` and ``time.png``.
+"""
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from megu_jax import benchmark
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for models, cells and tables.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  try:
+    benchmark.run_benchmark(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  with open(f"{_WORKDIR.value}/benchmark.md") as f:
+    print(f.read())
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,73 @@
+"""The benchmark runner: resume after a kill without redoing finished cells; mean/std aggregation."""
+import json
+
+import numpy as np
+import pytest
+
+from experiments.configs import digits as digits_config
+from megu_jax import benchmark
+from megu_jax import experiment
+
+
+def quick_config():
+  config = digits_config.get_config("quick")
+  config.benchmark_scenarios = "full_class:3;random:20"
+  config.methods = "original,megu"
+  config.seeds = 1
+  return config
+
+
+def test_a_killed_benchmark_resumes_without_redoing_finished_cells(tmp_path, monkeypatch):
+  calls = []
+  real_run_method = experiment.run_method
+
+  def run_method_then_die(setting, name):
+    if len(calls) == 4:
+      raise KeyboardInterrupt("killed")  # as if the process died mid-benchmark
+    calls.append((setting.split.scenario, name))
+    return real_run_method(setting, name)
+
+  monkeypatch.setattr(experiment, "run_method", run_method_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    benchmark.run_benchmark(quick_config(), str(tmp_path))
+  assert len(calls) == 4  # 3 methods (retrain is always added) of the first cell + 1 of the second
+  done = sorted(p.name for p in tmp_path.glob("cells/*/methods/*.json"))
+  assert len(done) == 4
+
+  calls.clear()
+  result = benchmark.run_benchmark(quick_config(), str(tmp_path))
+  assert calls == [("random", "original"), ("random", "megu")]  # only what was missing
+  assert len(list(tmp_path.glob("cells/*/methods/*.json"))) == 6
+  assert set(result["summary"]) == {"full_class 3", "random 20"}
+  megu = result["summary"]["full_class 3"]["megu"]
+  assert megu["forget_test_acc"]["n"] == 1 and "avg_gap" in megu
+  for name in ("benchmark.json", "benchmark.md", "dr_vs_df.png", "mia.png", "time.png"):
+    assert (tmp_path / name).exists(), name
+  assert "| megu |" in (tmp_path / "benchmark.md").read_text()
+
+  calls.clear()
+  benchmark.run_benchmark(quick_config(), str(tmp_path))
+  assert calls == []  # everything finished: nothing is redone
+
+
+def test_summarize_gives_mean_and_sample_std_over_seeds():
+  records = [{"scenario": "full_class", "forget": "Shirt", "seed": s,
+              "methods": {"megu": {"forget_test_acc": v, "time_s": t}}}
+             for s, (v, t) in enumerate([(0.1, 2.0), (0.2, 4.0), (0.3, 6.0)])]
+  stats = benchmark.summarize(records)["full_class Shirt"]["megu"]
+  assert stats["forget_test_acc"]["mean"] == pytest.approx(0.2)
+  assert stats["forget_test_acc"]["std"] == pytest.approx(0.1)  # sample std (ddof=1)
+  assert stats["time_s"]["mean"] == pytest.approx(4.0) and stats["time_s"]["n"] == 3
+  table = benchmark.benchmark_markdown({"dataset": "x", "seeds": 3, "summary":
+                                        benchmark.summarize(records)})
+  assert "20.0 ± 10.0" in table and "4.0 ± 2.0" in table
+
+
+@pytest.mark.parametrize("text,pattern", [("full_class", "SCENARIO:WHAT"), ("", "empty"),
+                                          ("random:many", "sample count")])
+def test_bad_scenarios_fail_before_any_training(tmp_path, text, pattern):
+  config = quick_config()
+  config.benchmark_scenarios = text
+  with pytest.raises(ValueError, match=pattern):
+    benchmark.run_benchmark(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
