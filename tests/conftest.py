@@ -10,3 +10,13 @@ os.environ["XLA_FLAGS"] = (
 # A tfds download attempt hangs here for minutes; make any accidental one fail fast.
 os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-tfds-data-dir")
 os.environ.setdefault("NO_GCE_CHECK", "true")
+
+# Identical programs (the original and the Retrain model share one train step) compile once per
+# test session: a persistent compilation cache in a fresh temporary directory.
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="megu-jax-xla-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

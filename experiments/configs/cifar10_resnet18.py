@@ -36,11 +36,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.scenario = "random"
   config.forget = ""
   config.forget_size = 100
-  config.megu.prototype_samples_per_class = 500
   if arg == "quick":
     config.model.width = 0.125
     config.epochs = 1
     config.batch_size = 16
     config.eval_batch_size = 16
     config.checkpoint_every_steps = 10
+    config.log_every_steps = 5
+    config.progress = False
+    config.megu.steps = 4
+    config.megu.noise_steps = 2
+    config.megu.forget_batch_size = 8
+    config.megu.retain_batch_size = 8
+    config.megu.prototype_samples_per_class = 4
+    config.forget_size = 8
   return config
