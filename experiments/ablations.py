@@ -16,6 +16,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 import tqdm
 
@@ -100,6 +101,7 @@ def markdown(summary: dict) -> str:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
     summary = run(_CONFIG.value, _WORKDIR.value, _GEMINI.value)
   except (ValueError, FileNotFoundError) as error:

@@ -11,6 +11,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from megu_jax import benchmark
@@ -23,6 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
     benchmark.run_benchmark(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as error:
