@@ -395,7 +395,10 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
       original_retain_logits = original_activation = None
       if use_kl:
         original_retain_logits, _ = g(state.original_params, retain_images)
-      if use_align:
+      if use_align and "forget_original_activation" in batch:
+        # Precomputed once per image (the "features" activation, from the guidance pass).
+        original_activation = batch["forget_original_activation"]
+      elif use_align:
         _, original_activation = g(state.original_params, forget_images)
 
       def loss_fn(params):
@@ -441,13 +444,17 @@ def _row_stream(rng: np.random.Generator, num_rows: int, count: int) -> np.ndarr
   return np.concatenate([rng.permutation(num_rows) for _ in range(epochs)])[:count]
 
 
-def _forget_batches(rng, forget_data, perturbing, batch_size, num_steps):
+def _forget_batches(rng, forget_data, perturbing, batch_size, num_steps,
+                    original_activation=None):
   rows = _row_stream(rng, len(forget_data), batch_size * num_steps).reshape(num_steps, batch_size)
   for step_rows in rows:
-    yield {"forget_image": forget_data.images[step_rows],
-           "forget_label": forget_data.labels[step_rows],
-           "forget_perturbing": perturbing[step_rows],
-           "forget_row": step_rows.astype(np.int32)}
+    batch = {"forget_image": forget_data.images[step_rows],
+             "forget_label": forget_data.labels[step_rows],
+             "forget_perturbing": perturbing[step_rows],
+             "forget_row": step_rows.astype(np.int32)}
+    if original_activation is not None:
+      batch["forget_original_activation"] = original_activation[step_rows]
+    yield batch
 
 
 def _retain_batches(rng, retain_rows, retain_data, batch_size, num_steps):
@@ -482,7 +489,7 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
                      config: ml_collections.ConfigDict, key: jax.Array,
                      rng: np.random.Generator | None = None,
                      dp: parallel.DataParallel | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
   """T, the perturbing labels and the retain rows that MeGU uses, without any finetuning.
 
   Public so that a report can show (e.g. plot) exactly the T that a run used.
@@ -491,6 +498,8 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
     T: [K, K] float64 transition matrix.
     perturbing: int32 [len(forget_data)], ỹ of every forget sample.
     retain_rows: int [R], the rows of ``retain_data`` that retain batches are drawn from.
+    forget_features: float32 [len(forget_data), D], the original model's penultimate features of
+      the forget images when that pass was needed, else None.
   """
   settings = megu_settings(config)
   dp = dp or parallel.DataParallel(config.get("parallel", "mesh"))
@@ -502,12 +511,12 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
                                      replace=False))
   need_prototypes = str(settings.transition) == "prototype"
   need_guidance = settings.label_guidance == "transition_x_model"
-  features = feature_labels = forget_logits = None
-  if need_prototypes or need_guidance:
+  features = feature_labels = forget_logits = forget_features = None
+  if need_prototypes or need_guidance or settings.align_weight > 0:
     # One pass of the original model over the forget images (and, for the prototypes, a
     # class-balanced retain sample): far cheaper than scoring the whole training set.
     forget_out = train.predict(trained, forget_data.images, 1000, dp)
-    forget_logits = forget_out["logits"]
+    forget_logits, forget_features = forget_out["logits"], forget_out["features"]
     if need_prototypes:
       per_class = settings.prototype_samples_per_class
       prototype_rows = retain_rows[_balanced_subset(rng, retain_data.labels[retain_rows],
@@ -523,7 +532,7 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
       key, T, forget_data.labels, forget_data.indices, mode=settings.label_mode,
       original_logits=forget_logits if need_guidance else None,
       guidance_temperature=settings.guidance_temperature)
-  return T, perturbing, retain_rows
+  return T, perturbing, retain_rows, forget_features
 
 
 # --- the method ----------------------------------------------------------------------------------
@@ -550,7 +559,8 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
 
   # 1-2. Transition matrix and perturbing labels: the "machine guidance", computed once.
   start = time.perf_counter()
-  T, perturbing, retain_rows = machine_guidance(trained, forget_data, retain_data, config,
+  T, perturbing, retain_rows, forget_features = machine_guidance(
+      trained, forget_data, retain_data, config,
                                                 label_key, rng, dp)
   timings["transition_s"] = time.perf_counter() - start
   if diagnostics is not None:
@@ -590,7 +600,10 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
       trained.model, tx, settings, mean=trained.mean, std=trained.std, per_sample=per_sample,
       update_noise=settings.noise != "none" and settings.noise_schedule == "alternating"))
   batches = (dp.put_batch({**f, **r}) for f, r in zip(
-      _forget_batches(rng, forget_data, perturbing, settings.forget_batch_size, steps),
+      _forget_batches(rng, forget_data, perturbing, settings.forget_batch_size, steps,
+                      # g_θ₀(x_f) for the alignment term, when the guidance pass computed it
+                      forget_features if settings.activation == "features" and
+                      settings.align_weight > 0 else None),
       _retain_batches(rng, retain_rows, retain_data, settings.retain_batch_size, steps)))
   state, last_metrics = _run_phase(finetune_step, state, batches, finetune_key, "finetune_s",
                                    timings)
