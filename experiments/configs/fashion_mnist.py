@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The original model's recipe (also used, unchanged, by Retrain).
   config.batch_size = 128
   config.eval_batch_size = 1000
-  config.epochs = 8
+  config.epochs = 5            # 91.5% test accuracy (measured; see README "Training")
   config.learning_rate = 0.05
   config.momentum = 0.9
   config.weight_decay = 5e-4
