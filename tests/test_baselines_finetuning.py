@@ -13,6 +13,7 @@ import pytest
 from experiments.configs import digits as digits_config
 from megu_jax import datasets
 from megu_jax import metrics
+from megu_jax import models
 from megu_jax import parallel
 from megu_jax import splits
 from megu_jax import train
@@ -33,10 +34,15 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def trained(digits, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("digits_original"))
-  train.train_and_evaluate(digits_config.get_config(), workdir, dataset=digits)
-  return train.restore_trained(workdir)
+def trained(digits):
+  # The 2-epoch digits recipe, in memory (no checkpoints): a model that knows every class
+  # (Dr 93.5, Df 97.3) and, less converged than a long run, shows an unstable method's damage.
+  config = digits_config.get_config("quick")
+  model = models.create_model(config.model, digits.num_classes)
+  state, _ = train.fit(config, model, digits.train_images, digits.train_labels,
+                       np.arange(len(digits.train_labels)), mean=digits.mean, std=digits.std,
+                       key=jax.random.key(config.seed))
+  return train.Trained(config=config, model=model, state=state, mean=digits.mean, std=digits.std)
 
 
 @pytest.fixture(scope="module")
@@ -128,18 +134,23 @@ def test_neggrad_plus_ascends_the_forget_loss_and_keeps_the_retain_classes(
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def run_neggrad_plus_steps(trained, forget, retain, mode, num_devices, num_steps=3):
+def neggrad_plus_batch(forget, retain):
+  rows = np.arange(16)
+  return {"forget_image": forget.images[rows], "forget_label": forget.labels[rows],
+          "retain_image": retain.images[rows * 7], "retain_label": retain.labels[rows * 7]}
+
+
+def run_neggrad_plus_steps(trained, forget, retain, mode, num_devices, num_steps=3,
+                           forget_loss_cap=0.0, tx=optax.sgd(0.05, momentum=0.9)):
   dp = parallel.DataParallel(mode, tuple(jax.devices()[:num_devices]))
-  tx = optax.sgd(0.05, momentum=0.9)
   params = finetune_lib.host_copy(trained.state.params)
   state = dp.put_replicated(train.TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       batch_stats=finetune_lib.host_copy(trained.state.batch_stats), opt_state=tx.init(params)))
   step = dp.compile_step(neggrad_plus_lib.make_neggrad_plus_step(
-      trained.model, tx, mean=trained.mean, std=trained.std, retain_weight=0.8))
-  rows = np.arange(16)
-  batch = {"forget_image": forget.images[rows], "forget_label": forget.labels[rows],
-           "retain_image": retain.images[rows * 7], "retain_label": retain.labels[rows * 7]}
+      trained.model, tx, mean=trained.mean, std=trained.std, retain_weight=0.8,
+      forget_loss_cap=forget_loss_cap))
+  batch = neggrad_plus_batch(forget, retain)
   losses = []
   for i in range(num_steps):
     state, step_metrics = step(state, dp.put_batch(batch), jax.random.key(i))
@@ -157,6 +168,26 @@ def test_neggrad_plus_step_on_mesh_and_pmap_equals_one_device(data, trained):
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5, atol=1e-6, err_msg=mode)
     for ref, got in zip(jax.tree.leaves(reference_params), jax.tree.leaves(params)):
       np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5, err_msg=mode)
+
+
+def test_neggrad_plus_stops_ascending_forget_samples_past_the_cap(data, trained):
+  """With every forget sample past a (tiny) cap, a step is plain descent on β·CE_r."""
+  forget, retain = data
+  _, params = run_neggrad_plus_steps(trained, forget, retain, "mesh", 1, num_steps=1,
+                                     forget_loss_cap=1e-6, tx=optax.sgd(1.0))
+  batch = neggrad_plus_batch(forget, retain)
+
+  def retain_loss(params):
+    images = train.prepare_images({"image": batch["retain_image"]}, None, trained.mean,
+                                  trained.std)
+    logits, _, _ = train.apply_model(trained.model, params, trained.state.batch_stats, images,
+                                     train=False)
+    return 0.8 * train.cross_entropy(logits, batch["retain_label"])
+
+  expected = jax.jit(lambda p: jax.tree.map(lambda w, g: w - g, p, jax.grad(retain_loss)(p)))(
+      trained.state.params)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 # --- random_label ----------------------------------------------------------------------------------
@@ -210,12 +241,12 @@ def test_saliency_mask_keeps_exactly_the_largest_gradient_magnitudes():
   assert all(np.all(m == 1) for m in jax.tree.leaves(salun_lib.saliency_mask(gradient, 1.0)))
 
 
-@pytest.mark.parametrize("mode,num_devices,batch_size", [("mesh", 1, 32), ("mesh", 2, 32),
-                                                         ("pmap", 2, 48)])
+@pytest.mark.parametrize("mode,batch_size", [("mesh", 32), ("pmap", 48)])
 def test_forget_gradient_is_the_mean_gradient_whatever_the_batching_and_devices(
-    data, trained, mode, num_devices, batch_size):
+    data, trained, mode, batch_size):
+  """Against one jax.grad over all of D_f on one device: 2 devices, padded last batches."""
   forget, _ = data
-  dp = parallel.DataParallel(mode, tuple(jax.devices()[:num_devices]))
+  dp = parallel.DataParallel(mode, tuple(jax.devices()[:2]))
   gradient = salun_lib.forget_gradient(trained, forget, batch_size, dp, {})
 
   def mean_loss(params):
@@ -224,7 +255,7 @@ def test_forget_gradient_is_the_mean_gradient_whatever_the_batching_and_devices(
                                      train=False)
     return train.cross_entropy(logits, forget.labels)
 
-  expected = jax.grad(mean_loss)(trained.state.params)
+  expected = jax.jit(jax.grad(mean_loss))(trained.state.params)
   for got, want in zip(jax.tree.leaves(gradient), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-7)
 
@@ -282,6 +313,7 @@ def test_bad_settings_fail_before_any_compute(data, trained, no_compute, method,
     ("salun", {"mask_fraction": 1.5}, r"mask_fraction=1.5 must be a fraction in \(0, 1\]"),
     ("salun", {"mask_fraction": 0.0}, r"mask_fraction=0.0"),
     ("neggrad_plus", {"retain_weight": 2.0}, r"retain_weight=2.0 must be in \[0, 1\]"),
+    ("neggrad_plus", {"forget_loss_cap": -1.0}, r"forget_loss_cap=-1.0 must be a finite number >= 0"),
 ])
 def test_method_specific_bad_settings_fail_before_any_compute(data, trained, no_compute, method,
                                                               fields, pattern):
@@ -310,3 +342,4 @@ def test_forget_labels_outside_the_model_and_empty_forget_sets_are_refused(
   empty = unlearning.UnlearnData(forget.images[:0], forget.labels[:0], forget.indices[:0])
   with pytest.raises(ValueError, match="forget_data is empty"):
     unlearning.get_method(method)(trained, empty, retain, experiment_config(), jax.random.key(0))
+

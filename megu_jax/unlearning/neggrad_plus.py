@@ -2,22 +2,33 @@
 
 Each step sees one forget batch and one retain batch and minimises
 
-    L(θ) = β · CE(f_θ(x_r), y_r) − (1 − β) · CE(f_θ(x_f), y_f),
+    L(θ) = β · CE(f_θ(x_r), y_r) − (1 − β) · mean_i min(CE(f_θ(x_f,i), y_f,i), c · log K),
 
 i.e. gradient *ascent* on the forget loss held in check by descent on the retain loss. Plain
 NegGrad (β = 0) destroys the model; the retain term is the "+".
+
+The cap c · log K (our addition, ``forget_loss_cap`` c = 1: chance level) stops pushing a forget
+sample once the model gives its class no more than a uniform guess would. Without it the ascent
+is unbounded, and on digits it measured unstable: with β = 0.95, lr 0.01 the well-trained model
+kept Dr 94.4 but a 2-epoch model collapsed to Dr 7.7 (forget CE 4.7 and rising); β = 0.99 for 3
+epochs drove the forget CE to 2333 and Dr to 51. With the cap (defaults otherwise) the 2-epoch
+model keeps Dr 93.5 (its original value) with Df 0.0, and the 6-epoch model Dr 96.6, Df 59.5 in
+its 40 steps (Df 0.0, Dr 98.1 with 3 epochs). ``forget_loss_cap = 0`` restores the classic,
+unbounded NegGrad+.
 
 method.md gives no hyperparameters for NegGrad+ (the SSD benchmark does not run it); ours, stated
 as our choice: β = 0.95, SGD lr 0.01 with momentum 0.9 and weight decay 5e-4, one pass over D_r
 (forget batches cycle through D_f alongside), batches of the recipe's ``config.batch_size``.
 The ascent is unbounded: longer runs or larger (1 − β) drive the forget loss up without limit
-(over-unlearning, Df below Retrain's and a collapsed MIA), which is what this baseline shows.
+(over-unlearning, Df below Retrain's and a collapsed MIA), which is why the cap is on.
 
 BatchNorm runs in inference mode (statistics frozen, scale and bias trained), as in MeGU: half of
 every batch is forget data, often a single class, and ascending on it through the running
 statistics would shift the normalisation of every class. No augmentation.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +39,8 @@ import optax
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
-from megu_jax.unlearning.base import UnlearnData, UnlearningInputError, check_data
+from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data,
+                                      check_positive, num_classes_of)
 from megu_jax.unlearning.finetune import (check_finite, host_copy, method_settings, num_steps,
                                           resolve_batch_size, seed_from_key,
                                           validate_training_settings)
@@ -43,6 +55,7 @@ def default_neggrad_plus_config() -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.retain_weight = 0.95    # β; the forget loss is ascended with weight 1 − β
+  c.forget_loss_cap = 1.0   # c: per-sample forget CE ascended only up to c·log K; 0 = unbounded
   c.epochs = 1.0            # passes over D_r (forget batches cycle through D_f meanwhile)
   c.optimizer = "sgd"       # sgd | adam
   c.learning_rate = 0.01
@@ -54,12 +67,15 @@ def default_neggrad_plus_config() -> ml_collections.ConfigDict:
 
 
 def make_neggrad_plus_step(model, tx: optax.GradientTransformation, *, mean, std,
-                           retain_weight: float) -> parallel.StepFactory:
+                           retain_weight: float, forget_loss_cap: float = 0.0
+                           ) -> parallel.StepFactory:
   """Factory of ``neggrad_plus_step(state, batch, key) -> (state, metrics)``.
 
   ``state`` is a ``train.TrainState`` (its BatchNorm statistics stay as they are). ``batch``:
   ``forget_image`` / ``retain_image`` uint8 [B, H, W, C], ``forget_label`` / ``retain_label``
-  int32 [B]. Metrics: ``loss``, ``forget_loss``, ``retain_loss``, ``forget_acc``, ``retain_acc``.
+  int32 [B]. ``forget_loss_cap`` > 0 caps each forget sample's ascended CE at that value (in
+  nats); 0 leaves it unbounded. Metrics: ``loss``, ``forget_loss`` (uncapped mean CE),
+  ``retain_loss``, ``forget_acc``, ``retain_acc``.
   """
 
   def factory(axis_name: str | None):
@@ -74,9 +90,14 @@ def make_neggrad_plus_step(model, tx: optax.GradientTransformation, *, mean, std
                                                 train=False)
         retain_logits, _, _ = train.apply_model(model, params, state.batch_stats, retain_images,
                                                 train=False)
-        forget_loss = train.cross_entropy(forget_logits, batch["forget_label"])
+        forget_losses = optax.softmax_cross_entropy_with_integer_labels(forget_logits,
+                                                                        batch["forget_label"])
+        # The cap zeroes the ascent gradient of samples already at or past it.
+        ascended = (jnp.minimum(forget_losses, forget_loss_cap) if forget_loss_cap > 0
+                    else forget_losses)
+        forget_loss = jnp.mean(forget_losses)
         retain_loss = train.cross_entropy(retain_logits, batch["retain_label"])
-        loss = retain_weight * retain_loss - (1.0 - retain_weight) * forget_loss
+        loss = retain_weight * retain_loss - (1.0 - retain_weight) * jnp.mean(ascended)
         return loss, {
             "forget_loss": forget_loss, "retain_loss": retain_loss,
             "forget_acc": jnp.mean(jnp.argmax(forget_logits, -1) == batch["forget_label"]),
@@ -121,6 +142,8 @@ def neggrad_plus(trained: train.Trained, forget_data: UnlearnData, retain_data: 
   if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
     raise UnlearningInputError(
         f"config.neggrad_plus.retain_weight={beta!r} must be in [0, 1] (β of β·CE_r − (1−β)·CE_f)")
+  cap = settings.forget_loss_cap
+  check_positive("config.neggrad_plus.forget_loss_cap", cap, allow_zero=True)
   batch_size = resolve_batch_size("config.neggrad_plus.batch_size", settings.batch_size, config,
                                   dp.num_devices)
   check_data(trained, forget_data, retain_data)
@@ -131,7 +154,9 @@ def neggrad_plus(trained: train.Trained, forget_data: UnlearnData, retain_data: 
   steps = num_steps(settings.epochs, len(retain_data), batch_size)
   tx = make_optimizer(settings, steps)
   step_fn = dp.compile_step(make_neggrad_plus_step(trained.model, tx, mean=trained.mean,
-                                                   std=trained.std, retain_weight=float(beta)))
+                                                   std=trained.std, retain_weight=float(beta),
+                                                   forget_loss_cap=float(cap) * math.log(
+                                                       num_classes_of(trained))))
   params = host_copy(trained.state.params)
   state = dp.put_replicated(train.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=host_copy(trained.state.batch_stats),
