@@ -190,7 +190,7 @@ def test_neggrad_plus_stops_ascending_forget_samples_past_the_cap(data, trained)
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
-# --- random_label ----------------------------------------------------------------------------------
+# --- random_label ------------------------------------------------------------------------------
 def test_random_labels_are_uniform_over_the_other_classes_and_fixed_per_sample():
   labels = np.tile(np.arange(10, dtype=np.int32), 900)
   indices = np.arange(len(labels), dtype=np.int32) * 3 + 5
@@ -313,7 +313,8 @@ def test_bad_settings_fail_before_any_compute(data, trained, no_compute, method,
     ("salun", {"mask_fraction": 1.5}, r"mask_fraction=1.5 must be a fraction in \(0, 1\]"),
     ("salun", {"mask_fraction": 0.0}, r"mask_fraction=0.0"),
     ("neggrad_plus", {"retain_weight": 2.0}, r"retain_weight=2.0 must be in \[0, 1\]"),
-    ("neggrad_plus", {"forget_loss_cap": -1.0}, r"forget_loss_cap=-1.0 must be a finite number >= 0"),
+    ("neggrad_plus", {"forget_loss_cap": -1.0},
+     r"forget_loss_cap=-1.0 must be a finite number >= 0"),
 ])
 def test_method_specific_bad_settings_fail_before_any_compute(data, trained, no_compute, method,
                                                               fields, pattern):

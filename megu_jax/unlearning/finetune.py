@@ -2,8 +2,8 @@
 
 The weakest baseline: nothing pushes the forget set away; it fades only as far as catastrophic
 forgetting carries it, so this baseline *under*-unlearns (high Df, MIA above Retrain's) unless it
-runs long. SSD benchmark recipe: 5 epochs of SGD at lr 0.02 on D_r (momentum 0.9, weight decay
-5e-4, as the SSD code's training loop).
+runs long. SSD benchmark recipe (method.md): 5 epochs of SGD at lr 0.02 on D_r; momentum 0.9
+and weight decay 5e-4 (method.md fixes neither) are the original recipe's, lr held constant.
 
 The step is the original model's own supervised step (``train.make_train_step``: BatchNorm in
 training mode, the recipe's augmentation), so finetuning is literally "more of the same training
@@ -30,10 +30,6 @@ from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_c
 # The finetuning optimiser (sgd|adam, cosine|constant, coupled weight decay) and the phase timer
 # that puts the first call's time into timings["compile_s"] are MeGU's; reused, not twinned.
 from megu_jax.unlearning.megu import OPTIMIZERS, SCHEDULES, _run_phase, make_optimizer
-
-TRAINING_FIELDS = ("epochs", "optimizer", "learning_rate", "momentum", "weight_decay",
-                   "schedule", "batch_size")
-
 
 def default_finetune_config() -> ml_collections.ConfigDict:
   """method.md section 3 (SSD benchmark): 5 epochs of SGD, lr 0.02, on the retain set.
@@ -87,7 +83,7 @@ def resolve_batch_size(field: str, batch_size: int, config: ml_collections.Confi
 
 
 def validate_training_settings(name: str, settings: ml_collections.ConfigDict) -> None:
-  """Checks the fields every finetuning-family method has (``TRAINING_FIELDS``)."""
+  """Checks the optimiser fields every finetuning-family method has (batch size: separately)."""
   f = lambda field: f"config.{name}.{field}"
   check_choice(f("optimizer"), settings.optimizer, OPTIMIZERS)
   check_choice(f("schedule"), settings.schedule, SCHEDULES)
@@ -155,7 +151,8 @@ def train_on(trained: train.Trained, data: UnlearnData, tx: optax.GradientTransf
       crop_padding=augmentation.get("crop_padding", 0), flip=bool(augmentation.get("flip", False))))
   params = host_copy(trained.state.params)
   state = dp.put_replicated(train.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=host_copy(trained.state.batch_stats),
+      step=jnp.zeros((), jnp.int32), params=params,
+      batch_stats=host_copy(trained.state.batch_stats),
       opt_state=tx.init(params)))
   order_key, step_key = jax.random.split(key)
   batches = (dp.put_batch(b) for b in epoch_batches(data, batch_size, steps,

@@ -159,7 +159,8 @@ def neggrad_plus(trained: train.Trained, forget_data: UnlearnData, retain_data: 
                                                        num_classes_of(trained))))
   params = host_copy(trained.state.params)
   state = dp.put_replicated(train.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=host_copy(trained.state.batch_stats),
+      step=jnp.zeros((), jnp.int32), params=params,
+      batch_stats=host_copy(trained.state.batch_stats),
       opt_state=tx.init(params)))
   order_key, step_key = jax.random.split(key)
   rng = np.random.default_rng(seed_from_key(order_key))
