@@ -14,6 +14,7 @@ import pytest
 from experiments.configs import digits as digits_config
 from megu_jax import datasets
 from megu_jax import metrics
+from megu_jax import models
 from megu_jax import parallel
 from megu_jax import splits
 from megu_jax import train
@@ -34,10 +35,14 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def trained(digits, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("digits_original"))
-  train.train_and_evaluate(digits_config.get_config("quick"), workdir, dataset=digits)
-  return train.restore_trained(workdir)
+def trained(digits):
+  """The digits original, 2 epochs, trained in memory (no checkpoints: seconds saved)."""
+  config = digits_config.get_config("quick")
+  model = models.create_model(config.model, digits.num_classes)
+  state, _ = train.fit(config, model, digits.train_images, digits.train_labels,
+                       np.arange(len(digits.train_labels)), mean=digits.mean, std=digits.std,
+                       key=jax.random.key(config.seed))
+  return train.Trained(config=config, model=model, state=state, mean=digits.mean, std=digits.std)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +92,7 @@ def test_the_four_methods_are_registered():
     assert unlearning.get_method(name) is getattr(module, name)
 
 
-# --- Bad Teacher -----------------------------------------------------------------------------------
+# --- Bad Teacher ----------------------------------------------------------------------------------
 def test_bad_teacher_moves_forget_predictions_toward_the_random_teacher(digits, trained, split,
                                                                         data):
   forget, retain = data
@@ -125,7 +130,7 @@ def test_distillation_kl_matches_the_definition():
   assert float(bad_teacher_lib.distillation_kl(teacher, teacher)) == pytest.approx(0, abs=1e-6)
 
 
-# --- UNSIR -----------------------------------------------------------------------------------------
+# --- UNSIR ----------------------------------------------------------------------------------------
 def test_unsir_noise_raises_the_forget_class_loss_and_the_run_forgets(digits, trained, split,
                                                                       data):
   forget, retain = data
@@ -174,7 +179,7 @@ def test_unsir_impair_pool_mixes_noise_copies_and_retain_images(data):
   assert not images[is_noise].any()  # a noise example's image slot is blank
 
 
-# --- SSD -------------------------------------------------------------------------------------------
+# --- SSD ------------------------------------------------------------------------------------------
 def test_importances_are_the_mean_of_squared_batch_gradients_on_any_devices(trained, data):
   forget, _ = data
   subset = unlearning.UnlearnData(forget.images[:10], forget.labels[:10], forget.indices[:10])
@@ -252,7 +257,7 @@ def test_dampen_on_hand_made_importances():
   np.testing.assert_array_equal(ssd_lib.dampen(theta, i_f, i_d, 10.0, 1e6)["w"], theta["w"])
 
 
-# --- SCRUB -----------------------------------------------------------------------------------------
+# --- SCRUB ----------------------------------------------------------------------------------------
 def test_scrub_moves_away_from_the_teacher_on_forget_images_only(digits, trained, split, data):
   forget, retain = data
   timings, diagnostics = {}, {}
@@ -273,7 +278,7 @@ def test_scrub_moves_away_from_the_teacher_on_forget_images_only(digits, trained
     assert timings[name] > 0, name
 
 
-# --- bad input -------------------------------------------------------------------------------------
+# --- bad input ------------------------------------------------------------------------------------
 @pytest.fixture
 def no_compute(monkeypatch):
   """Makes any model evaluation or step compilation fail loudly."""
@@ -287,9 +292,8 @@ def no_compute(monkeypatch):
 @pytest.mark.parametrize("method,fields,pattern", [
     ("bad_teacher", {"temprature": 2.0}, r"config.bad_teacher.*unknown.*temprature.*temperature"),
     ("bad_teacher", {"retain_fraction": 1.5}, r"retain_fraction=1.5.*\[0, 1\]"),
-    ("bad_teacher", {"batch_size": 33}, r"batch_size=33.*multiple of the device count \(2\)"),
+    ("bad_teacher", {"batch_size": 33}, r"batch_size=33 must be.*multiple of the device count"),
     ("unsir", {"noise_steps": -3}, r"noise_steps=-3.*integer >= 0"),
-    ("unsir", {"noise_repeats": 2.5}, r"config.unsir.*noise_repeats.*2.5"),
     ("unsir", {"noise_batch_size": 31}, r"noise_batch_size=31.*multiple of the device count"),
     ("unsir", {"impair_learning_rate": -1.0}, r"impair_learning_rate=-1.0"),
     ("ssd", {"selection_weighting": -1.0}, r"selection_weighting=-1.0.*>= 0"),

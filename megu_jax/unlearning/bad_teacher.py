@@ -1,4 +1,4 @@
-"""Bad Teacher (Chundawat et al., AAAI 2023): a student distils a competent and an incompetent teacher.
+"""Bad Teacher (Chundawat et al., AAAI 2023): a student distils a competent and a random teacher.
 
 method.md section 3: the student starts as a copy of the original model. On retain images it
 matches the original (the *competent* teacher); on forget images it matches a randomly initialised
@@ -6,9 +6,8 @@ model of the same architecture (the *incompetent* teacher), which knows nothing 
 loss is KL(teacher ‖ student) at temperature T = 1 over one epoch of D_f ∪ (30% of D_r), shuffled
 together, Adam 1e-4.
 
-The end of this module holds the small pieces that the other baselines of this package share
-(settings over defaults, distillation KL, frozen-BatchNorm logits, timed phases): the other
-modules import them from here.
+The end of this module holds the small pieces that UNSIR, SSD and SCRUB share with it
+(distillation KL, frozen-BatchNorm logits, phases timed across reuse): they import them from here.
 
 As in MeGU, BatchNorm runs in inference mode (running statistics frozen, scale and bias trained):
 half a batch of forget images would otherwise move the normalisation of every class. No
@@ -32,8 +31,10 @@ from megu_jax import train
 from megu_jax.unlearning import register
 from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data,
                                       check_positive)
-# Shared batch streams and timed phases: MeGU's, imported rather than rewritten (private there;
-# candidates for base.py).
+# Settings, batch sizes, host copies and seeds: the finetuning baselines' helpers; batch streams
+# and timed phases: MeGU's (private there). Imported rather than rewritten; candidates for base.py.
+from megu_jax.unlearning.finetune import (check_finite, host_copy, method_settings,
+                                          resolve_batch_size, seed_from_key)
 from megu_jax.unlearning.megu import _row_stream, _run_phase
 
 
@@ -110,7 +111,7 @@ def _pool_batches(rng: np.random.Generator, forget_data: UnlearnData, retain_dat
 def bad_teacher(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnData,
                 config: ml_collections.ConfigDict, key: jax.Array, *,
                 timings: dict | None = None, diagnostics: dict | None = None) -> train.Trained:
-  """Unlearns ``forget_data`` by distilling a random model on it; settings in ``config.bad_teacher``.
+  """Unlearns ``forget_data`` by distilling a random model on it; settings: ``config.bad_teacher``.
 
   ``timings`` (if given) receives ``distill_s`` and ``compile_s`` (first step), in seconds;
   ``diagnostics`` (if given) the ``incompetent_teacher`` (a ``Trained``) and the last step's
@@ -125,11 +126,12 @@ def bad_teacher(trained: train.Trained, forget_data: UnlearnData, retain_data: U
         f"config.bad_teacher.retain_fraction={settings.retain_fraction} must be in [0, 1]")
   for name in ("epochs", "learning_rate", "temperature"):
     check_positive(f"config.bad_teacher.{name}", settings[name])
-  batch_size = resolve_batch_size("config.bad_teacher.batch_size", settings.batch_size, config, dp)
+  batch_size = resolve_batch_size("config.bad_teacher.batch_size", settings.batch_size, config,
+                                  dp.num_devices)
   check_data(trained, forget_data, retain_data)
 
   init_key, batch_key = jax.random.split(key)
-  rng = numpy_rng(batch_key)
+  rng = np.random.default_rng(seed_from_key(batch_key))
   retain_rows = np.sort(rng.choice(len(retain_data),
                                    int(round(settings.retain_fraction * len(retain_data))),
                                    replace=False))
@@ -153,6 +155,7 @@ def bad_teacher(trained: train.Trained, forget_data: UnlearnData, retain_data: U
                                                     batch_size, num_steps))
   state, last_metrics = _run_phase(step_fn, state, batches, jax.random.key(0), "distill_s",
                                    timings)
+  check_finite(last_metrics, "bad_teacher")
   if diagnostics is not None:
     diagnostics["incompetent_teacher"] = train.Trained(
         config=trained.config, model=trained.model,
@@ -163,55 +166,7 @@ def bad_teacher(trained: train.Trained, forget_data: UnlearnData, retain_data: U
   return with_params(trained, dp.get_replicated(state).params)
 
 
-# --- shared by the baselines of this package (candidates for base.py) -----------------------------
-def method_settings(config: ml_collections.ConfigDict, name: str,
-                    defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """``config.<name>`` over ``defaults``; an unknown field fails, listing the known ones.
-
-  The same rule as ``megu.megu_settings``, for any method name.
-  """
-  given = config.get(name, None)
-  if given is None:
-    return defaults
-  unknown = sorted(set(given.keys()) - set(defaults.keys()))
-  if unknown:
-    raise UnlearningInputError(
-        f"config.{name} has unknown field(s) {unknown}; known fields: {sorted(defaults.keys())}")
-  try:
-    defaults.update(given)
-  except TypeError as error:  # ConfigDict refuses e.g. a float for an integer field
-    raise UnlearningInputError(f"config.{name}: {error}") from None
-  return defaults
-
-
-def check_count(field: str, value, minimum: int = 0) -> None:
-  """Raises UnlearningInputError unless ``value`` is an integer >= ``minimum``."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise UnlearningInputError(f"{field}={value!r} must be an integer >= {minimum}")
-
-
-def resolve_batch_size(field: str, value, config: ml_collections.ConfigDict,
-                       dp: parallel.DataParallel) -> int:
-  """A method's batch size: ``value``, or the experiment's ``config.batch_size`` when it is 0."""
-  check_count(field, value)
-  batch_size = int(value or config.batch_size)
-  if batch_size <= 0 or batch_size % dp.num_devices:
-    raise UnlearningInputError(
-        f"{field}={value} (resolved to {batch_size}; 0 = config.batch_size) must be a positive "
-        f"multiple of the device count ({dp.num_devices})")
-  return batch_size
-
-
-def numpy_rng(key: jax.Array) -> np.random.Generator:
-  """A host generator seeded from a JAX key: batch order and subsets follow the method's key."""
-  return np.random.default_rng(int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max)))
-
-
-def host_copy(tree: Any) -> Any:
-  """A NumPy copy of a pytree: fresh, donatable buffers that are not the caller's."""
-  return jax.tree.map(np.array, jax.device_get(tree))
-
-
+# --- shared by bad_teacher, unsir, ssd and scrub (candidates for base.py) ------------------------
 def with_params(trained: train.Trained, params: Any) -> train.Trained:
   """``trained`` with new parameters (BatchNorm statistics and everything else unchanged)."""
   return train.Trained(config=trained.config, model=trained.model,

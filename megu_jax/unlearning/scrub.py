@@ -30,12 +30,11 @@ import optax
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
-from megu_jax.unlearning.bad_teacher import (check_count, distillation_kl_per_example,
-                                             frozen_logits,
-                                             host_copy, method_settings, numpy_rng,
-                                             resolve_batch_size, run_phase_once_compiled,
-                                             with_params)
+from megu_jax.unlearning.bad_teacher import (distillation_kl_per_example, frozen_logits,
+                                             run_phase_once_compiled, with_params)
 from megu_jax.unlearning.base import UnlearnData, check_data, check_positive
+from megu_jax.unlearning.finetune import (check_count, check_finite, host_copy, method_settings,
+                                          resolve_batch_size, seed_from_key)
 from megu_jax.unlearning.megu import _row_stream
 
 def default_scrub_config() -> ml_collections.ConfigDict:
@@ -140,12 +139,12 @@ def scrub(trained: train.Trained, forget_data: UnlearnData, retain_data: Unlearn
   for name in ("momentum", "weight_decay", "retain_ce_weight", "retain_kl_weight"):
     check_positive(f(name), settings[name], allow_zero=True)
   forget_batch_size = resolve_batch_size(f("forget_batch_size"), settings.forget_batch_size,
-                                         config, dp)
+                                         config, dp.num_devices)
   retain_batch_size = resolve_batch_size(f("retain_batch_size"), settings.retain_batch_size,
-                                         config, dp)
+                                         config, dp.num_devices)
   check_data(trained, forget_data, retain_data)
 
-  rng = numpy_rng(key)
+  rng = np.random.default_rng(seed_from_key(key))
   tx = make_optimizer(settings)
   params = host_copy(trained.state.params)
   state = dp.put_replicated(ScrubState(
@@ -170,6 +169,8 @@ def scrub(trained: train.Trained, forget_data: UnlearnData, retain_data: Unlearn
     state, last["min_metrics"] = run_phase_once_compiled(
         step_fn, state, batches, jax.random.key(0), "min_s", timings, compiled,
         compile_key=retain_batch_size)
+  for metrics in last.values():
+    check_finite(metrics, "scrub")
   if diagnostics is not None:
     diagnostics.update(last)
   return with_params(trained, dp.get_replicated(state).params)

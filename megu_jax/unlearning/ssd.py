@@ -29,10 +29,10 @@ import numpy as np
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
+from megu_jax.unlearning.bad_teacher import frozen_logits, run_phase_once_compiled, with_params
 from megu_jax.unlearning.base import UnlearnData, check_data, check_positive
-from megu_jax.unlearning.bad_teacher import (frozen_logits, host_copy, method_settings,
-                                             numpy_rng, resolve_batch_size, run_phase_once_compiled,
-                                             with_params)
+from megu_jax.unlearning.finetune import (host_copy, method_settings, resolve_batch_size,
+                                          seed_from_key)
 
 
 def default_ssd_config() -> ml_collections.ConfigDict:
@@ -160,20 +160,21 @@ def ssd(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnDa
         timings: dict | None = None, diagnostics: dict | None = None) -> train.Trained:
   """Unlearns ``forget_data`` by Selective Synaptic Dampening; settings in ``config.ssd``.
 
-  ``key`` shuffles the batches of both importance passes. ``timings`` (if given) receives ``importance_s`` (both
-  passes), ``dampen_s`` and ``compile_s``, in seconds; ``diagnostics`` (if given)
-  ``forget_importance`` and ``full_importance`` (I_f and I_D, trees shaped like θ) and
-  ``selected_fraction``.
+  ``key`` shuffles the batches of both importance passes. ``timings`` (if given) receives
+  ``importance_s`` (both passes), ``dampen_s`` and ``compile_s``, in seconds; ``diagnostics``
+  (if given) ``forget_importance`` and ``full_importance`` (I_f and I_D, trees shaped like θ)
+  and ``selected_fraction``.
   """
   timings = {} if timings is None else timings
   dp = parallel.DataParallel(config.get("parallel", "mesh"))
   settings = method_settings(config, "ssd", default_ssd_config())
   check_positive("config.ssd.selection_weighting", settings.selection_weighting, allow_zero=True)
   check_positive("config.ssd.dampening_constant", settings.dampening_constant, allow_zero=True)
-  batch_size = resolve_batch_size("config.ssd.batch_size", settings.batch_size, config, dp)
+  batch_size = resolve_batch_size("config.ssd.batch_size", settings.batch_size, config,
+                                  dp.num_devices)
   check_data(trained, forget_data, retain_data)
 
-  rng = numpy_rng(key)
+  rng = np.random.default_rng(seed_from_key(key))
   compiled: set = set()
   forget_importance = importances(trained, forget_data, batch_size, dp,
                                   order=rng.permutation(len(forget_data)), timings=timings,

@@ -40,11 +40,11 @@ import optax
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
-from megu_jax.unlearning.bad_teacher import (check_count, frozen_logits, host_copy,
-                                             method_settings, numpy_rng, resolve_batch_size,
-                                             run_phase_once_compiled, with_params)
+from megu_jax.unlearning.bad_teacher import frozen_logits, run_phase_once_compiled, with_params
 from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data,
                                       check_positive)
+from megu_jax.unlearning.finetune import (check_count, check_finite, host_copy, method_settings,
+                                          resolve_batch_size, seed_from_key)
 from megu_jax.unlearning.megu import _balanced_subset, _row_stream, _run_phase
 
 
@@ -202,7 +202,7 @@ def unsir_settings(config: ml_collections.ConfigDict, dp: parallel.DataParallel
     raise UnlearningInputError(
         f"{f('noise_batch_size')}={settings.noise_batch_size} must be a multiple of the device "
         f"count ({dp.num_devices})")
-  return settings, tuple(resolve_batch_size(f(name), settings[name], config, dp)
+  return settings, tuple(resolve_batch_size(f(name), settings[name], config, dp.num_devices)
                          for name in ("impair_batch_size", "repair_batch_size"))
 
 
@@ -277,7 +277,7 @@ def unsir(trained: train.Trained, forget_data: UnlearnData, retain_data: Unlearn
   settings, (impair_batch_size, repair_batch_size) = unsir_settings(config, dp)
   check_data(trained, forget_data, retain_data)
   noise_key, batch_key = jax.random.split(key)
-  rng = numpy_rng(batch_key)
+  rng = np.random.default_rng(seed_from_key(batch_key))
 
   noise_labels = _noise_labels(forget_data, settings)
   # Retain images: up to retain_per_class of every retained label (SSD's "500 per class").
@@ -309,6 +309,8 @@ def unsir(trained: train.Trained, forget_data: UnlearnData, retain_data: Unlearn
   state, repair_metrics = run_phase_once_compiled(
       train_step, state, batches, jax.random.key(0), "repair_s", timings, compiled,
       compile_key=repair_batch_size)
+  check_finite(impair_metrics, "unsir")
+  check_finite(repair_metrics, "unsir")
   state = dp.get_replicated(state)
   if diagnostics is not None:
     diagnostics.update(noise=np.asarray(jax.device_get(state.noise)), noise_labels=noise_labels,
