@@ -136,9 +136,10 @@ def test_unsir_noise_raises_the_forget_class_loss_and_the_run_forgets(digits, tr
   forget, retain = data
   timings, diagnostics = {}, {}
   # Digits has ~145 retain images per class: 10 noise copies (not 80) keep the noise share of the
-  # impair epoch near SSD's CIFAR-10 share; learning rates 0.02 / 0.01 (UNSIR paper's), not 1e-4.
+  # impair epoch near SSD's CIFAR-10 share; learning rates 0.02 / 0.01 (UNSIR paper's), not 1e-4;
+  # one batch size for both phases, so that they share one compilation.
   config = experiment_config("unsir", noise_repeats=10, impair_learning_rate=0.02,
-                             repair_learning_rate=0.01)
+                             repair_learning_rate=0.01, repair_batch_size=32)
   unlearned = unlearning.get_method("unsir")(trained, forget, retain, config, jax.random.key(0),
                                              timings=timings, diagnostics=diagnostics)
   labels = diagnostics["noise_labels"]

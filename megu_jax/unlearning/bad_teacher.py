@@ -137,6 +137,8 @@ def bad_teacher(trained: train.Trained, forget_data: UnlearnData, retain_data: U
                                    replace=False))
   num_steps = math.ceil(settings.epochs * (len(forget_data) + len(retain_rows)) / batch_size)
   tx = optax.adam(settings.learning_rate)
+  # Eager, like train.create_train_state: the original's own init (training or restoring it)
+  # has already compiled these small programs in this process; a jitted init would compile anew.
   incompetent = trained.model.init(
       init_key, jnp.zeros((1,) + forget_data.images.shape[1:], jnp.float32), train=False)
   # Host copies: the step donates its state, and the student and the competent teacher must be

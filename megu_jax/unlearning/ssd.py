@@ -101,11 +101,13 @@ def _batches_in_order(data: UnlearnData, order: np.ndarray, batch_size: int):
 def importances(trained: train.Trained, data: UnlearnData, batch_size: int,
                 dp: parallel.DataParallel | None = None, *, order: np.ndarray | None = None,
                 timings: dict | None = None, timings_key: str = "importance_s",
-                compiled: set | None = None) -> Any:
+                step_fn=None, compiled: set | None = None) -> Any:
   """I = mean over batches of (∇θ batch-mean CE)², batches taken from ``data`` in ``order``.
 
   ``order`` (default: as stored) matters: the square is of a *batch* gradient, so a batch of one
   class alone counts that class's gradient undiluted. SSD's loaders shuffle; so does :func:`ssd`.
+  ``step_fn`` (default: compiled here) and ``compiled`` let several passes share one compiled
+  step and count its compilation once (see ``run_phase_once_compiled``).
 
   Returns a tree shaped like ``trained.state.params`` (NumPy float32).
   """
@@ -113,7 +115,8 @@ def importances(trained: train.Trained, data: UnlearnData, batch_size: int,
   dp = dp or parallel.DataParallel(trained.config.get("parallel", "mesh"))
   timings = {} if timings is None else timings
   compiled = set() if compiled is None else compiled
-  step_fn = _compiled_importance_step(trained, dp)
+  step_fn = step_fn or dp.compile_step(make_importance_step(trained.model, mean=trained.mean,
+                                                            std=trained.std))
   params = host_copy(trained.state.params)
   state = dp.put_replicated(ImportanceState(
       squared_gradient_sum=jax.tree.map(np.zeros_like, params),
@@ -125,19 +128,6 @@ def importances(trained: train.Trained, data: UnlearnData, batch_size: int,
   state = jax.device_get(dp.get_replicated(state))
   return jax.tree.map(lambda s: np.asarray(s / state.num_batches, np.float32),
                       state.squared_gradient_sum)
-
-
-_STEP_CACHE: dict = {}
-
-
-def _compiled_importance_step(trained: train.Trained, dp: parallel.DataParallel):
-  # One compiled step per (model, normalisation, devices): the two passes share it.
-  key = (trained.model, tuple(np.asarray(trained.mean).tolist()),
-         tuple(np.asarray(trained.std).tolist()), dp)
-  if key not in _STEP_CACHE:
-    _STEP_CACHE[key] = dp.compile_step(make_importance_step(trained.model, mean=trained.mean,
-                                                            std=trained.std))
-  return _STEP_CACHE[key]
 
 
 @jax.jit
@@ -175,14 +165,15 @@ def ssd(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnDa
   check_data(trained, forget_data, retain_data)
 
   rng = np.random.default_rng(seed_from_key(key))
-  compiled: set = set()
+  # One compiled step for both passes; its first call is the one compilation.
+  shared = dict(step_fn=dp.compile_step(make_importance_step(trained.model, mean=trained.mean,
+                                                             std=trained.std)),
+                compiled=set(), timings=timings)
   forget_importance = importances(trained, forget_data, batch_size, dp,
-                                  order=rng.permutation(len(forget_data)), timings=timings,
-                                  compiled=compiled)
+                                  order=rng.permutation(len(forget_data)), **shared)
   full_data = concatenate(forget_data, retain_data)
   full_importance = importances(trained, full_data, batch_size, dp,
-                                order=rng.permutation(len(full_data)), timings=timings,
-                                compiled=compiled)
+                                order=rng.permutation(len(full_data)), **shared)
   args = (trained.state.params, forget_importance, full_importance,
           float(settings.selection_weighting), float(settings.dampening_constant))
   start = time.perf_counter()

@@ -7,18 +7,25 @@ method.md section 3, as the SSD benchmark runs it:
    model's error on c: minimise −CE(f(N_c), c) + λ·mean_i ‖N_c,i‖², Adam 0.1, 25 steps (250 for
    sub-class forgetting, where the model must learn to separate a fine class from its own
    superclass).
-2. **Impair.** One epoch of CE on the noise, labelled c (``noise_repeats`` copies of every noise
-   image, as SSD's code feeds 80 noise batches), shuffled with up to ``retain_per_class`` retain
+2. **Impair.** One epoch of CE on the noise, labelled c (``noise_repeats`` copies of the noise
+   batch, as SSD's code feeds 80 noise batches), shuffled with up to ``retain_per_class`` retain
    images of every retained label. Fitting c to inputs built to be the least like c wrecks the
    weights that carry c.
 3. **Repair.** One epoch of CE on the same retain images. Adam 1e-4 for both, batches of 32
    (impair) and 128 (repair) as in SSD's code.
 
-How much the impair epoch is noise depends on the data: SSD's CIFAR-10 and Fashion-MNIST runs see
-2,560 noise images among 4,500 retain images, CIFAR-100 among 49,500.
+How much the impair epoch is noise depends on the data: a 10-class run (CIFAR-10, Fashion-MNIST)
+sees 2,560 noise images among 4,500 retain images, a CIFAR-100 run among 49,500.
 
-In the random scenario the forget set spans many labels; each present label gets its own noise
-batch (SSD's description is class-wise; this is our extension).
+In the random scenario (and when several classes are forgotten) the forget set spans several
+labels; each gets its own noise batch (SSD's description is class-wise; this is our extension),
+and each batch is copied ceil(noise_repeats / labels) times, so that the impair epoch holds about
+noise_repeats noise batches whatever the number of labels: noise stays the share of the epoch that
+it is in SSD's single-class runs instead of drowning the retain images.
+
+Sub-class forgetting: ``retain_per_class`` applies to the task (super)class labels that
+:class:`UnlearnData` carries, not to SSD's fine classes (500 per fine class, 2,500 per CIFAR-20
+superclass): set it to 2500 there to match SSD's retain count.
 
 Every phase is a pure, jitted, data-parallel step on one :class:`UnsirState`. BatchNorm runs in
 inference mode (as in MeGU): an impair batch of pure noise would otherwise move the running
@@ -56,7 +63,8 @@ def default_unsir_config() -> ml_collections.ConfigDict:
   c.noise_steps_sub_class = 250  # ... when config.scenario == "sub_class"
   c.noise_learning_rate = 0.1
   c.noise_weight = 0.1           # λ of λ·mean_i ‖N_i‖²
-  c.noise_repeats = 80           # copies of each noise image in the impair epoch
+  c.noise_repeats = 80           # copies of the noise batch in the impair epoch, shared out
+  #                                among the forgotten labels (see the module docstring)
   c.retain_per_class = 500       # retain images per retained label (impair and repair)
   c.impair_epochs = 1.0
   c.repair_epochs = 1.0
@@ -293,8 +301,10 @@ def unsir(trained: train.Trained, forget_data: UnlearnData, retain_data: Unlearn
   train_step = dp.compile_step(make_train_step(trained.model, impair_tx, mean=trained.mean,
                                                std=trained.std))
   compiled: set = set()
+  num_labels = len(noise_labels) // settings.noise_batch_size
+  repeats_per_label = math.ceil(settings.noise_repeats / num_labels)
   batches = (dp.put_batch(b) for b in _train_batches(
-      rng, retain_data, retain_rows, noise_labels, settings.noise_repeats, impair_batch_size,
+      rng, retain_data, retain_rows, noise_labels, repeats_per_label, impair_batch_size,
       settings.impair_epochs))
   state, impair_metrics = run_phase_once_compiled(
       train_step, state, batches, jax.random.key(0), "impair_s", timings, compiled,
