@@ -12,7 +12,15 @@ Append ``:quick`` to the config path for a seconds-long smoke run (a slice of th
 """
 import ml_collections
 
+from megu_jax.unlearning import bad_teacher
+from megu_jax.unlearning import finetune
 from megu_jax.unlearning import megu
+from megu_jax.unlearning import neggrad_plus
+from megu_jax.unlearning import random_label
+from megu_jax.unlearning import salun
+from megu_jax.unlearning import scrub
+from megu_jax.unlearning import ssd
+from megu_jax.unlearning import unsir
 
 MEASURED = "test_acc and time filled in from a real run: see README 'Training' section"
 
@@ -56,6 +64,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.transition_temperature = 1.0     # tau on the oracles' 0..10 scale
   config.transition_top_k = 0             # keep the k most similar classes per row; 0 = all
   config.megu = megu.default_megu_config()
+  # The baselines' settings (method.md section 3), each overridable: --config.ssd.alpha=5 ...
+  config.finetune = finetune.default_finetune_config()
+  config.neggrad_plus = neggrad_plus.default_neggrad_plus_config()
+  config.random_label = random_label.default_random_label_config()
+  config.bad_teacher = bad_teacher.default_bad_teacher_config()
+  config.unsir = unsir.default_unsir_config()
+  config.ssd = ssd.default_ssd_config()
+  config.scrub = scrub.default_scrub_config()
+  config.salun = salun.default_salun_config()
 
   # The benchmark (experiments.benchmark): SCENARIO:WHAT items, ';'-separated, and seeds 0..seeds-1.
   config.benchmark_scenarios = "full_class:Shirt;sub_class:Sneaker;random:100"
