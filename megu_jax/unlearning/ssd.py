@@ -36,7 +36,24 @@ from megu_jax.unlearning.finetune import (host_copy, method_settings, resolve_ba
 
 
 def default_ssd_config() -> ml_collections.ConfigDict:
-  """SSD's hyperparameters; attach as ``config.ssd`` to change a field."""
+  """SSD's hyperparameters (tuned by its authors for ResNet-18 on CIFAR); ``config.ssd`` overrides.
+
+  Measured on Fashion-MNIST, forget Shirt (the project's small CNN, 8 epochs, 1 device; the
+  original: Dr 94.0, Df 75.6; same importances, only α varied, λ = 1; percentages):
+
+    | α    | selected θ | Dr   | Df   |
+    | 10   | 47.2       | 11.1 | 0.0  |   <- SSD's default: the model collapses
+    | 20   | 34.1       | 27.4 | 0.0  |
+    | 50   | 12.1       | 68.8 | 0.0  |
+    | 100  | 1.6        | 92.6 | 0.0  |
+    | 200  | 0.01       | 95.7 | 41.5 |
+    | 500  | 0.0        | 94.0 | 75.6 |
+
+  Shirt is a hard class (the original fits only 87% of its training images), so its forget-set
+  gradients are large everywhere and α = 10 selects half the network. For that data set set
+  ``config.ssd.selection_weighting`` to 100 or more in the experiment config; the default stays
+  SSD's for the paper's CIFAR protocol.
+  """
   c = ml_collections.ConfigDict()
   c.selection_weighting = 10.0  # α: select θ_i when I_f,i > α · I_D,i
   c.dampening_constant = 1.0    # λ: scale a selected θ_i by min(λ · I_D,i / I_f,i, 1)
