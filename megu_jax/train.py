@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import flax.linen as nn

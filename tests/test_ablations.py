@@ -1,7 +1,7 @@
 """The ablation script on digits: every variant changes one MeGU field; tables are written."""
 import json
 
-from experiments import ablations
+from megu_jax import ablations
 from experiments.configs import digits as digits_config
 
 

@@ -1,7 +1,5 @@
 """The benchmark runner: resume after a kill without redoing finished cells; mean/std aggregation."""
-import json
 
-import numpy as np
 import pytest
 
 from experiments.configs import digits as digits_config

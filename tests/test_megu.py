@@ -1,7 +1,6 @@
 """MeGU end to end on digits, its pure steps on 1 vs 2 devices, the registry and bad input."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -177,7 +176,7 @@ def test_original_is_the_identity_and_retrain_starts_from_scratch(digits, traine
 
 def test_unknown_method_name_lists_the_registered_ones():
   assert {"megu", "original", "retrain"} <= set(unlearning.UNLEARNING_METHODS)
-  with pytest.raises(ValueError, match=r"'mgeu'.*\['megu', 'original', 'retrain'"):
+  with pytest.raises(ValueError, match=r"'mgeu'.*'megu'.*'original'.*'retrain'"):
     unlearning.get_method("mgeu")
 
 

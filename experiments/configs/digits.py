@@ -5,6 +5,7 @@ r"""scikit-learn's bundled 8x8 digits with a tiny CNN: seconds to train, for tes
 import ml_collections
 
 from experiments.configs import fashion_mnist
+from megu_jax.unlearning import ssd
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -21,6 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.forget = "3"
   config.forget_size = 20
   config.progress = False
+  config.ssd = ssd.default_ssd_config()  # Fashion-MNIST's alpha = 100 is tuned for its CNN
   config.megu.steps = 60
   config.megu.noise_steps = 30
   config.megu.forget_batch_size = 32

@@ -71,6 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.bad_teacher = bad_teacher.default_bad_teacher_config()
   config.unsir = unsir.default_unsir_config()
   config.ssd = ssd.default_ssd_config()
+  # SSD's CIFAR alpha = 10 selects 47% of the small CNN's parameters and collapses it (Dr 11.1);
+  # alpha = 100 measured Dr 92.6 / Df 0.0 on Fashion-MNIST Shirt (see default_ssd_config).
+  config.ssd.selection_weighting = 100.0
   config.scrub = scrub.default_scrub_config()
   config.salun = salun.default_salun_config()
 

@@ -35,7 +35,7 @@ from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_d
 # and timed phases: MeGU's (private there). Imported rather than rewritten; candidates for base.py.
 from megu_jax.unlearning.finetune import (check_finite, host_copy, method_settings,
                                           resolve_batch_size, seed_from_key)
-from megu_jax.unlearning.megu import _row_stream, _run_phase
+from megu_jax.unlearning.base import row_stream, run_phase
 
 
 def default_bad_teacher_config() -> ml_collections.ConfigDict:
@@ -98,7 +98,7 @@ def _pool_batches(rng: np.random.Generator, forget_data: UnlearnData, retain_dat
                   retain_rows: np.ndarray, batch_size: int, num_steps: int):
   """Shuffled batches of the pool D_f ∪ retain_data[retain_rows], each with its ``is_forget``."""
   num_forget = len(forget_data)
-  pool = _row_stream(rng, num_forget + len(retain_rows), batch_size * num_steps)
+  pool = row_stream(rng, num_forget + len(retain_rows), batch_size * num_steps)
   for rows in pool.reshape(num_steps, batch_size):
     is_forget = rows < num_forget
     images = np.empty((batch_size,) + forget_data.images.shape[1:], np.uint8)
@@ -155,7 +155,7 @@ def bad_teacher(trained: train.Trained, forget_data: UnlearnData, retain_data: U
                                                   temperature=settings.temperature))
   batches = (dp.put_batch(b) for b in _pool_batches(rng, forget_data, retain_data, retain_rows,
                                                     batch_size, num_steps))
-  state, last_metrics = _run_phase(step_fn, state, batches, jax.random.key(0), "distill_s",
+  state, last_metrics = run_phase(step_fn, state, batches, jax.random.key(0), "distill_s",
                                    timings)
   check_finite(last_metrics, "bad_teacher")
   if diagnostics is not None:
@@ -202,7 +202,7 @@ def distillation_kl(teacher_logits: jax.Array, student_logits: jax.Array,
 
 def run_phase_once_compiled(step_fn: Callable, state, batches, key: jax.Array, timings_key: str,
                             timings: dict, compiled: set, compile_key: Any = None):
-  """``_run_phase`` for a step that may have run before: only its first call ever is compile_s.
+  """``run_phase`` for a step that may have run before: only its first call ever is compile_s.
 
   ``compiled`` holds the ``compile_key``s (default: the step function itself; add the batch
   shape when it varies) already called once; a phase that reuses one (a second epoch, a second
@@ -211,11 +211,11 @@ def run_phase_once_compiled(step_fn: Callable, state, batches, key: jax.Array, t
   compile_key = step_fn if compile_key is None else compile_key
   if compile_key in compiled:
     phase = {}
-    state, metrics = _run_phase(step_fn, state, batches, key, timings_key, phase)
+    state, metrics = run_phase(step_fn, state, batches, key, timings_key, phase)
     timings[timings_key] = (timings.get(timings_key, 0.0) + phase.get("compile_s", 0.0)
                             + phase.get(timings_key, 0.0))
     return state, metrics
   compiled.add(compile_key)
-  return _run_phase(step_fn, state, batches, key, timings_key, timings)
+  return run_phase(step_fn, state, batches, key, timings_key, timings)
 
 

@@ -13,12 +13,15 @@ model, normalisation and config.
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from typing import Protocol
 
 import jax
 import ml_collections
 import numpy as np
 
+from megu_jax import parallel
 from megu_jax import train
 
 
@@ -113,3 +116,31 @@ def check_positive(field: str, value, *, allow_zero: bool = False) -> None:
     raise UnlearningInputError(
         f"{field}={value!r} must be a finite number {'>= 0' if allow_zero else '> 0'}")
 
+
+# --- shared by the methods' host loops ---------------------------------------------------------
+
+def row_stream(rng: np.random.Generator, num_rows: int, count: int) -> np.ndarray:
+  """``count`` row numbers: successive shuffles of ``range(num_rows)`` (repeats when count > N)."""
+  epochs = math.ceil(count / num_rows)
+  return np.concatenate([rng.permutation(num_rows) for _ in range(epochs)])[:count]
+
+
+def balanced_subset(rng, labels: np.ndarray, per_class: int) -> np.ndarray:
+  """Up to ``per_class`` random rows of every label present."""
+  chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+  return np.sort(np.concatenate(chosen))
+
+
+def run_phase(step_fn, state, batches, key, timings_key, timings):
+  """Runs the steps; the first call's time (compilation) goes to compile_s, the rest to key."""
+  start = time.perf_counter()
+  metrics = None
+  for i, batch in enumerate(batches):
+    state, metrics = step_fn(state, batch, parallel.fold_in_step(key, i))
+    if i == 0:
+      jax.block_until_ready(metrics)
+      timings["compile_s"] = timings.get("compile_s", 0.0) + time.perf_counter() - start
+      start = time.perf_counter()
+  state = jax.block_until_ready(state)
+  timings[timings_key] = timings.get(timings_key, 0.0) + time.perf_counter() - start
+  return state, (None if metrics is None else jax.device_get(metrics))

@@ -29,7 +29,8 @@ from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_c
                                       check_data, check_positive)
 # The finetuning optimiser (sgd|adam, cosine|constant, coupled weight decay) and the phase timer
 # that puts the first call's time into timings["compile_s"] are MeGU's; reused, not twinned.
-from megu_jax.unlearning.megu import OPTIMIZERS, SCHEDULES, _run_phase, make_optimizer
+from megu_jax.unlearning.megu import OPTIMIZERS, SCHEDULES, make_optimizer
+from megu_jax.unlearning.base import run_phase
 
 def default_finetune_config() -> ml_collections.ConfigDict:
   """method.md section 3 (SSD benchmark): 5 epochs of SGD, lr 0.02, on the retain set.
@@ -157,7 +158,7 @@ def train_on(trained: train.Trained, data: UnlearnData, tx: optax.GradientTransf
   order_key, step_key = jax.random.split(key)
   batches = (dp.put_batch(b) for b in epoch_batches(data, batch_size, steps,
                                                      seed_from_key(order_key)))
-  state, last_metrics = _run_phase(step_fn, state, batches, step_key, phase, timings)
+  state, last_metrics = run_phase(step_fn, state, batches, step_key, phase, timings)
   state = dp.get_replicated(state)
   unlearned = trained.state.replace(params=state.params, batch_stats=state.batch_stats)
   return train.Trained(config=trained.config, model=trained.model, state=unlearned,

@@ -45,6 +45,7 @@ from megu_jax import train
 from megu_jax import transition as transition_lib
 from megu_jax.oracles import offline as offline_oracles
 from megu_jax.unlearning import register
+from megu_jax.unlearning.base import balanced_subset, row_stream, run_phase
 from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_choice,
                                       check_data, check_positive, num_classes_of)
 
@@ -443,15 +444,11 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
 
 
 # --- host side: batches ---------------------------------------------------------------------------
-def _row_stream(rng: np.random.Generator, num_rows: int, count: int) -> np.ndarray:
-  """``count`` row numbers: successive shuffles of ``range(num_rows)`` (repeats when count > N)."""
-  epochs = math.ceil(count / num_rows)
-  return np.concatenate([rng.permutation(num_rows) for _ in range(epochs)])[:count]
 
 
 def _forget_batches(rng, forget_data, perturbing, batch_size, num_steps,
                     original_activation=None):
-  rows = _row_stream(rng, len(forget_data), batch_size * num_steps).reshape(num_steps, batch_size)
+  rows = row_stream(rng, len(forget_data), batch_size * num_steps).reshape(num_steps, batch_size)
   for step_rows in rows:
     batch = {"forget_image": forget_data.images[step_rows],
              "forget_label": forget_data.labels[step_rows],
@@ -463,31 +460,14 @@ def _forget_batches(rng, forget_data, perturbing, batch_size, num_steps,
 
 
 def _retain_batches(rng, retain_rows, retain_data, batch_size, num_steps):
-  rows = retain_rows[_row_stream(rng, len(retain_rows), batch_size * num_steps)]
+  rows = retain_rows[row_stream(rng, len(retain_rows), batch_size * num_steps)]
   for step_rows in rows.reshape(num_steps, batch_size):
     yield {"retain_image": retain_data.images[step_rows],
            "retain_label": retain_data.labels[step_rows]}
 
 
-def _balanced_subset(rng, labels: np.ndarray, per_class: int) -> np.ndarray:
-  """Up to ``per_class`` random rows of every label present."""
-  chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
-  return np.sort(np.concatenate(chosen))
 
 
-def _run_phase(step_fn, state, batches, key, timings_key, timings):
-  """Runs the steps; the first call's time (compilation) goes to compile_s, the rest to key."""
-  start = time.perf_counter()
-  metrics = None
-  for i, batch in enumerate(batches):
-    state, metrics = step_fn(state, batch, parallel.fold_in_step(key, i))
-    if i == 0:
-      jax.block_until_ready(metrics)
-      timings["compile_s"] = timings.get("compile_s", 0.0) + time.perf_counter() - start
-      start = time.perf_counter()
-  state = jax.block_until_ready(state)
-  timings[timings_key] = timings.get(timings_key, 0.0) + time.perf_counter() - start
-  return state, (None if metrics is None else jax.device_get(metrics))
 
 
 def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnData,
@@ -524,9 +504,9 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
     forget_logits, forget_features = forget_out["logits"], forget_out["features"]
     if need_prototypes:
       per_class = settings.prototype_samples_per_class
-      prototype_rows = retain_rows[_balanced_subset(rng, retain_data.labels[retain_rows],
+      prototype_rows = retain_rows[balanced_subset(rng, retain_data.labels[retain_rows],
                                                     per_class)]
-      forget_rows = _balanced_subset(rng, forget_data.labels, per_class)
+      forget_rows = balanced_subset(rng, forget_data.labels, per_class)
       retain_features = train.predict(trained, retain_data.images[prototype_rows], 1000,
                                       dp)["features"]
       features = np.concatenate([forget_out["features"][forget_rows], retain_features])
@@ -597,7 +577,7 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
                                                  std=trained.std, per_sample=per_sample))
     batches = (dp.put_batch(b) for b in _forget_batches(
         rng, forget_data, perturbing, settings.forget_batch_size, settings.noise_steps))
-    state, noise_metrics = _run_phase(noise_step, state, batches, noise_key, "noise_s", timings)
+    state, noise_metrics = run_phase(noise_step, state, batches, noise_key, "noise_s", timings)
     if diagnostics is not None:
       diagnostics["noise_metrics"] = noise_metrics
 
@@ -610,7 +590,7 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
                       forget_features if settings.activation == "features" and
                       settings.align_weight > 0 else None),
       _retain_batches(rng, retain_rows, retain_data, settings.retain_batch_size, steps)))
-  state, last_metrics = _run_phase(finetune_step, state, batches, finetune_key, "finetune_s",
+  state, last_metrics = run_phase(finetune_step, state, batches, finetune_key, "finetune_s",
                                    timings)
   if diagnostics is not None:
     diagnostics["finetune_metrics"] = last_metrics

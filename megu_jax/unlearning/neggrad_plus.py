@@ -44,7 +44,8 @@ from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_d
 from megu_jax.unlearning.finetune import (check_finite, host_copy, method_settings, num_steps,
                                           resolve_batch_size, seed_from_key,
                                           validate_training_settings)
-from megu_jax.unlearning.megu import _row_stream, _run_phase, make_optimizer
+from megu_jax.unlearning.megu import make_optimizer
+from megu_jax.unlearning.base import row_stream, run_phase
 
 
 def default_neggrad_plus_config() -> ml_collections.ConfigDict:
@@ -118,8 +119,8 @@ def paired_batches(rng: np.random.Generator, forget_data: UnlearnData,
   Each stream runs through successive shuffles of its set, so the small forget set repeats while
   the retain set is walked through.
   """
-  forget_rows = _row_stream(rng, len(forget_data), batch_size * steps).reshape(steps, batch_size)
-  retain_rows = _row_stream(rng, len(retain_data), batch_size * steps).reshape(steps, batch_size)
+  forget_rows = row_stream(rng, len(forget_data), batch_size * steps).reshape(steps, batch_size)
+  retain_rows = row_stream(rng, len(retain_data), batch_size * steps).reshape(steps, batch_size)
   for f, r in zip(forget_rows, retain_rows):
     yield {"forget_image": forget_data.images[f], "forget_label": forget_data.labels[f],
            "retain_image": retain_data.images[r], "retain_label": retain_data.labels[r]}
@@ -166,7 +167,7 @@ def neggrad_plus(trained: train.Trained, forget_data: UnlearnData, retain_data: 
   rng = np.random.default_rng(seed_from_key(order_key))
   batches = (dp.put_batch(b) for b in paired_batches(rng, forget_data, retain_data, batch_size,
                                                      steps))
-  state, last_metrics = _run_phase(step_fn, state, batches, step_key, "finetune_s", timings)
+  state, last_metrics = run_phase(step_fn, state, batches, step_key, "finetune_s", timings)
   check_finite(last_metrics, "neggrad_plus")
   if diagnostics is not None:
     diagnostics["finetune_metrics"] = last_metrics

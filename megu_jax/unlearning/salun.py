@@ -35,7 +35,8 @@ from megu_jax.unlearning.base import UnlearnData, UnlearningInputError, check_da
 from megu_jax.unlearning.finetune import (check_finite, host_copy, method_settings, num_steps,
                                           resolve_batch_size, train_on,
                                           validate_training_settings)
-from megu_jax.unlearning.megu import _run_phase, make_optimizer
+from megu_jax.unlearning.megu import make_optimizer
+from megu_jax.unlearning.base import run_phase
 from megu_jax.unlearning.random_label import (default_random_label_config, random_other_labels,
                                               relabelled_union)
 
@@ -109,7 +110,7 @@ def forget_gradient(trained: train.Trained, forget_data: UnlearnData, batch_size
       gradient_sum=jax.tree.map(np.zeros_like, params)))
   step_fn = dp.compile_step(make_saliency_step(trained.model, mean=trained.mean, std=trained.std))
   batches = (dp.put_batch(b) for b in padded_batches(forget_data, batch_size))
-  state, _ = _run_phase(step_fn, state, batches, jax.random.key(0), "saliency_s", timings)
+  state, _ = run_phase(step_fn, state, batches, jax.random.key(0), "saliency_s", timings)
   gradient_sum = jax.device_get(dp.get_replicated(state).gradient_sum)
   return jax.tree.map(lambda g: np.asarray(g) / len(forget_data), gradient_sum)
 

@@ -42,7 +42,7 @@ from megu_jax.unlearning.bad_teacher import (distillation_kl_per_example, frozen
 from megu_jax.unlearning.base import UnlearnData, check_data, check_positive
 from megu_jax.unlearning.finetune import (check_count, check_finite, host_copy, method_settings,
                                           resolve_batch_size, seed_from_key)
-from megu_jax.unlearning.megu import _row_stream
+from megu_jax.unlearning.base import row_stream
 
 def default_scrub_config() -> ml_collections.ConfigDict:
   """The SSD benchmark's SCRUB; attach as ``config.scrub`` to change a field."""
@@ -115,7 +115,7 @@ def _epoch_batches(rng: np.random.Generator, data: UnlearnData, batch_size: int,
   shuffle so that every batch has one shape (one compilation)."""
   num_steps = math.ceil(len(data) / batch_size)
   flags = np.full(batch_size, is_forget)
-  for rows in _row_stream(rng, len(data), num_steps * batch_size).reshape(num_steps, batch_size):
+  for rows in row_stream(rng, len(data), num_steps * batch_size).reshape(num_steps, batch_size):
     yield {"image": data.images[rows], "label": data.labels[rows], "is_forget": flags}
 
 

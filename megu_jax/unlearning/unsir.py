@@ -52,7 +52,7 @@ from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_d
                                       check_positive)
 from megu_jax.unlearning.finetune import (check_count, check_finite, host_copy, method_settings,
                                           resolve_batch_size, seed_from_key)
-from megu_jax.unlearning.megu import _balanced_subset, _row_stream, _run_phase
+from megu_jax.unlearning.base import balanced_subset, row_stream, run_phase
 
 
 def default_unsir_config() -> ml_collections.ConfigDict:
@@ -180,7 +180,7 @@ def _train_batches(rng: np.random.Generator, retain_data: UnlearnData, retain_ro
   pool_size = len(noise_pool) + len(retain_rows)
   num_steps = math.ceil(epochs * pool_size / batch_size)
   image_shape = retain_data.images.shape[1:]
-  for rows in _row_stream(rng, pool_size, num_steps * batch_size).reshape(num_steps, batch_size):
+  for rows in row_stream(rng, pool_size, num_steps * batch_size).reshape(num_steps, batch_size):
     is_noise = rows < len(noise_pool)
     images = np.zeros((batch_size,) + image_shape, np.uint8)
     labels = np.empty(batch_size, np.int32)
@@ -265,7 +265,7 @@ def _noise_phase(trained, state, noise_labels, num_steps, settings, dp, timings)
   step_fn = dp.compile_step(make_noise_step(trained.model, noise_tx,
                                             noise_weight=settings.noise_weight))
   batches = (dp.put_batch(b) for b in _noise_batches(noise_labels, num_steps))
-  state, _ = _run_phase(step_fn, state, batches, jax.random.key(0), "noise_s", timings)
+  state, _ = run_phase(step_fn, state, batches, jax.random.key(0), "noise_s", timings)
   return state
 
 
@@ -289,7 +289,7 @@ def unsir(trained: train.Trained, forget_data: UnlearnData, retain_data: Unlearn
 
   noise_labels = _noise_labels(forget_data, settings)
   # Retain images: up to retain_per_class of every retained label (SSD's "500 per class").
-  retain_rows = _balanced_subset(rng, retain_data.labels, settings.retain_per_class)
+  retain_rows = balanced_subset(rng, retain_data.labels, settings.retain_per_class)
   impair_tx = make_adam(settings.impair_learning_rate)
   state = _initial_state(trained, forget_data, noise_labels, settings, noise_key, dp,
                          tx=impair_tx)
