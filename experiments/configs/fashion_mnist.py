@@ -9,7 +9,7 @@ Train the Retrain gold standard (from scratch on the retain set only):
 
 Measured on this machine (2 CPU cores, 2026-11-28, shared with other jobs): test accuracy 0.915
 after 5 epochs, 323 s of training (~930 images/s); `make demo` table in the README.
-Append ``:quick`` to the config path for a seconds-long smoke run (a slice of the data, one epoch).
+Append ``:quick`` to the config path for a shorter smoke run (one epoch, frequent checkpoints).
 """
 import ml_collections
 
