@@ -15,12 +15,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 
 import numpy as np
 
 from megu_jax import datasets as datasets_lib
+from megu_jax import io_utils
 
 SCENARIOS = ("full_class", "sub_class", "random")
 INDEX_ARRAYS = ("forget_train", "retain_train", "forget_test", "retain_test")
@@ -284,24 +284,6 @@ def _sha256(indices: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(indices, dtype="<i8").tobytes()).hexdigest()
 
 
-def _write_atomically(path: str, write) -> None:
-    directory = os.path.dirname(path)
-    # Same directory as the target, so os.replace is a rename within one file system: a reader
-    # sees the old file or the complete new one, never a partial write.
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".",
-                                    suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
 def save_split(split: ForgetSplit, directory: str | os.PathLike) -> None:
     """Writes split.json and the four index arrays as .npy files, each atomically.
 
@@ -313,8 +295,7 @@ def save_split(split: ForgetSplit, directory: str | os.PathLike) -> None:
     os.makedirs(directory, exist_ok=True)
     for name in INDEX_ARRAYS:
         indices = np.ascontiguousarray(getattr(split, name), dtype="<i8")
-        _write_atomically(os.path.join(directory, f"{name}.npy"),
-                          lambda f, a=indices: np.save(f, a, allow_pickle=False))
+        io_utils.atomic_save_npy(os.path.join(directory, f"{name}.npy"), indices)
     record = {
         "format_version": _FORMAT_VERSION,
         "dataset": split.dataset_name,
@@ -326,7 +307,7 @@ def save_split(split: ForgetSplit, directory: str | os.PathLike) -> None:
         "sha256": {name: _sha256(getattr(split, name)) for name in INDEX_ARRAYS},
     }
     text = json.dumps(record, indent=2) + "\n"
-    _write_atomically(os.path.join(directory, SPLIT_FILE), lambda f: f.write(text.encode()))
+    io_utils.atomic_write_text(os.path.join(directory, SPLIT_FILE), text)
 
 
 def load_split(directory: str | os.PathLike,

@@ -103,6 +103,20 @@ def check_data(trained: train.Trained, forget_data: UnlearnData, retain_data: Un
           f"{num_classes} classes: allowed [0, {num_classes})")
 
 
+def method_settings(config: ml_collections.ConfigDict, name: str,
+                    defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config.<name>`` over ``defaults``; an unknown field fails, listing the known ones."""
+  given = config.get(name, None)
+  if given is None:
+    return defaults
+  unknown = sorted(set(given.keys()) - set(defaults.keys()))
+  if unknown:
+    raise UnlearningInputError(
+        f"config.{name} has unknown field(s) {unknown}; known fields: {sorted(defaults.keys())}")
+  defaults.update(given)
+  return defaults
+
+
 def check_choice(field: str, value, allowed) -> None:
   """Raises UnlearningInputError unless ``value`` is one of ``allowed``."""
   if value not in allowed:

@@ -25,6 +25,7 @@ import optax
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
+from megu_jax.unlearning.base import method_settings  # noqa: F401  (re-exported)
 from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_choice,
                                       check_data, check_positive)
 # The finetuning optimiser (sgd|adam, cosine|constant, coupled weight decay) and the phase timer
@@ -51,18 +52,6 @@ def default_finetune_config() -> ml_collections.ConfigDict:
 
 
 # --- settings (shared by the finetuning-family baselines) --------------------------------------
-def method_settings(config: ml_collections.ConfigDict, name: str,
-                    defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """``config.<name>`` over ``defaults``; an unknown field fails, listing the known ones."""
-  given = config.get(name, None)
-  if given is None:
-    return defaults
-  unknown = sorted(set(given.keys()) - set(defaults.keys()))
-  if unknown:
-    raise UnlearningInputError(
-        f"config.{name} has unknown field(s) {unknown}; known fields: {sorted(defaults.keys())}")
-  defaults.update(given)
-  return defaults
 
 
 def check_count(field: str, value, *, minimum: int = 0) -> None:

@@ -45,7 +45,7 @@ from megu_jax import train
 from megu_jax import transition as transition_lib
 from megu_jax.oracles import offline as offline_oracles
 from megu_jax.unlearning import register
-from megu_jax.unlearning.base import balanced_subset, row_stream, run_phase
+from megu_jax.unlearning.base import balanced_subset, method_settings, row_stream, run_phase
 from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_choice,
                                       check_data, check_positive, num_classes_of)
 
@@ -141,16 +141,7 @@ def default_megu_config() -> ml_collections.ConfigDict:
 # --- settings -----------------------------------------------------------------------------------
 def megu_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """``config.megu`` over the defaults; an unknown field fails, listing the known ones."""
-  settings = default_megu_config()
-  given = config.get("megu", None)
-  if given is None:
-    return settings
-  unknown = sorted(set(given.keys()) - set(settings.keys()))
-  if unknown:
-    raise UnlearningInputError(
-        f"config.megu has unknown field(s) {unknown}; known fields: {sorted(settings.keys())}")
-  settings.update(given)
-  return settings
+  return method_settings(config, "megu", default_megu_config())
 
 
 def _is_transition_file(source: str) -> bool:
