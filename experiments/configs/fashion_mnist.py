@@ -50,6 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.log_every_steps = 50
   config.progress = True
+  # jax_debug_nans: name the first operation that makes a NaN (slow; the loss and every
+  # checkpointed state are checked for NaN/inf anyway).
+  config.debug_nans = False
 
   # What to forget: also selects Retrain's training set when retrain=True.
   config.retrain = False
