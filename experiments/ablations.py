@@ -3,14 +3,11 @@ r"""MeGU's ablations against Retrain on one split (see megu_jax/ablations.py).
   python -m experiments.ablations --config=experiments/configs/fashion_mnist.py \
       --workdir=runs/ablations [--config.seeds=3] [--gemini=transitions/fashion_mnist_gemini.npy]
 """
-import sys
-
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from megu_jax import ablations
+from megu_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -19,16 +16,10 @@ _GEMINI = flags.DEFINE_string("gemini", None, "A T .npy built with the Gemini or
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  try:
-    summary = ablations.run(_CONFIG.value, _WORKDIR.value, _GEMINI.value)
-  except (ValueError, FileNotFoundError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+def main():
+  summary = ablations.run(_CONFIG.value, _WORKDIR.value, _GEMINI.value)
   print(ablations.markdown(summary))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -6,15 +6,14 @@ r"""The benchmark: every method x scenario x seed, resumable, aggregated into ta
 Scenarios come from ``--config.benchmark_scenarios`` (default
 ``full_class:Shirt;sub_class:Sneaker;random:100``). A rerun skips every finished cell. Writes
 ``benchmark.json``, ``benchmark.md``, ``dr_vs_df.png``, ``mia.png`` and ``time.png``.
+Failures print one line ``error: ...`` (``--verbose``: with the traceback); README "Failure
+behaviour" lists them.
 """
-import sys
-
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from megu_jax import benchmark
+from megu_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -22,17 +21,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for models, cells and
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  try:
-    benchmark.run_benchmark(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+def main():
+  benchmark.run_benchmark(_CONFIG.value, _WORKDIR.value)
   with open(f"{_WORKDIR.value}/benchmark.md") as f:
     print(f.read())
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -19,22 +19,21 @@ where it stopped. ``--images_per_class=k`` sends k training images of each class
 Per-sample mode (``--per_sample_out=labels.npy --forget=Shirt``) asks Gemini, for every training
 image of the forgotten class(es), which other class it most resembles, and saves those labels.
 
-On any failure the command prints one line ``error: <reason>`` on stderr, exits non-zero, and
-leaves an earlier matrix at ``--out`` untouched (every file is written atomically, after all checks).
+On any failure the command prints one line ``error: <reason>`` on stderr (an unexpected error, or
+``--verbose``, adds the traceback), exits non-zero, and leaves an earlier matrix at ``--out``
+untouched (every file is written atomically, after all checks).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import sys
 from typing import Any, Callable, Optional
 
-from absl import app
 from absl import flags
-from absl import logging as absl_logging
 import numpy as np
 
+from megu_jax import cli
 from megu_jax import io_utils
 from megu_jax import oracles
 from megu_jax import transition
@@ -308,47 +307,14 @@ def _options_from_flags() -> BuildOptions:
       per_sample_limit=_PER_SAMPLE_LIMIT.value)
 
 
-def _one_line(error: BaseException) -> str:
-  """The error as one line, with any API key from the environment removed (defence in depth)."""
-  text = " ".join(str(error).split()) or type(error).__name__
-  for name in gemini_lib.API_KEY_ENV_VARS:
-    secret = os.environ.get(name, "").strip()
-    if secret:
-      text = text.replace(secret, "[REDACTED]")
-  return text
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with a bad flag reported as one line instead of a usage dump."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as error:
-    print(f"error: {_one_line(error)}", file=sys.stderr)
-    sys.exit(2)
-
-
-def main(argv: list[str]) -> int:
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    return 2
-  # stderr is kept for the one-line error: INFO logs (retries, matplotlib's font cache) show only
-  # with an explicit --verbosity, and google-genai's warnings about key variables it does not use
-  # (we pass the key ourselves) are dropped.
-  if not flags.FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)
+def main() -> None:
+  # google-genai warns about key variables it does not use (we pass the key ourselves); INFO logs
+  # (retries, matplotlib's font cache) show only with an explicit --verbosity (see cli.run).
   logging.getLogger("google_genai").setLevel(logging.ERROR)
-  try:
-    run(_options_from_flags())
-  except KeyboardInterrupt:
-    print("error: interrupted", file=sys.stderr)
-    return 130
-  except Exception as error:  # pylint: disable=broad-except  (the contract: one line, non-zero)
-    print(f"error: {_one_line(error)}", file=sys.stderr)
-    return 1
-  return 0
+  run(_options_from_flags())
 
 
 flags.mark_flags_as_required(["dataset", "oracle"])
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from typing import Any
 
@@ -22,6 +23,8 @@ from megu_jax import experiment
 from megu_jax import io_utils
 from megu_jax import metrics
 from megu_jax import reporting
+
+logger = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("retain_test_acc", "forget_test_acc", "mia_entropy_lr", "avg_gap", "time_s",
                    "related_test_acc", "probe_forget_acc", "mia_confidence_svc", "test_acc")
@@ -115,11 +118,13 @@ def _read_cell(directory: str, method: str) -> dict | None:
   if not os.path.exists(path):
     return None
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       record = json.load(f)
     record["metrics"]["time_s"]  # a record from an older format is redone, not trusted
     return record
-  except (json.JSONDecodeError, KeyError, TypeError):
+  except (ValueError, KeyError, TypeError) as error:
+    logger.warning("%s is damaged or of an older format (%s: %s); running %s again", path,
+                   type(error).__name__, error, method)
     return None
 
 

@@ -52,9 +52,22 @@ def method_list(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(dict.fromkeys(["retrain"] + requested))
 
 
+_MAX_SLUG_CHARS = 60
+
+
 def _slug(text: str) -> str:
-  """A file-name-safe rendering of user-given class names."""
-  return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "none"
+  """A file-name-safe rendering of user-given class names.
+
+  Only letters, digits, ``_``, ``-`` and inner dots survive, so a name can neither leave the
+  directory (``/``, ``..``) nor hide (a leading dot). Where anything was replaced or cut, a hash of
+  the original text follows, so that two different names ("T-shirt/top", "T-shirt_top") never share
+  a directory, and long lists of names stay under the file-name length limit.
+  """
+  slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+  slug = re.sub(r"\.{2,}", "_", slug).strip("_.") or "none"
+  if slug != text or len(slug) > _MAX_SLUG_CHARS:
+    slug = f"{slug[:_MAX_SLUG_CHARS]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+  return slug
 
 
 # The fields that determine a trained model: a change to any of them must not reuse an old one.
@@ -83,8 +96,8 @@ def _train_reference(config, directory, dataset, retrain: bool) -> tuple[train.T
   reference_config = copy.deepcopy(config)
   with reference_config.unlocked():
     reference_config.retrain = retrain
-  final = train.train_and_evaluate(reference_config, directory, dataset=dataset)
-  return train.restore_trained(directory), final
+  # Resumes a killed training from its checkpoints; retrains past a damaged final checkpoint.
+  return train.train_and_restore(reference_config, directory, dataset=dataset)
 
 
 def resolve_transition(config, dataset: datasets.Dataset, original: train.Trained,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -29,12 +30,15 @@ import tqdm
 from megu_jax import augment
 from megu_jax import checkpoints
 from megu_jax import datasets
+from megu_jax import interruption
 from megu_jax import io_utils
 from megu_jax import models
 from megu_jax import parallel
 from megu_jax import splits
 
 SCHEDULES = ("cosine", "step", "constant")
+
+logger = logging.getLogger(__name__)
 
 
 @flax.struct.dataclass
@@ -56,8 +60,44 @@ class Trained:
   std: np.ndarray
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteError(FloatingPointError):
+  """Training produced a NaN or infinity; ``step`` is where, ``checkpoint`` the last good one.
+
+  ``checkpoint`` is the directory of the newest checkpoint saved before the fault (None when there
+  is none): every checkpoint is checked before it is written, so it holds finite numbers only.
+  """
+
+  def __init__(self, message: str, step: int | None = None, checkpoint: str | None = None):
+    super().__init__(message)
+    self.step = step
+    self.checkpoint = checkpoint
+
+
+class NonFiniteLossError(NonFiniteError):
   """Training produced a NaN or infinite loss."""
+
+
+class NonFiniteParamsError(NonFiniteError):
+  """A parameter (or BatchNorm statistic, or optimizer moment) became NaN or infinite."""
+
+
+def _last_good_checkpoint(ckpt) -> tuple[str | None, str]:
+  """(directory of the newest checkpoint, words for a message) of a Checkpointer or None."""
+  step = ckpt.latest_step() if ckpt is not None else None
+  if step is None:
+    return None, "none (the run stopped before its first checkpoint)"
+  return ckpt.step_directory(step), f"step {step} in {ckpt.step_directory(step)}"
+
+
+def check_finite_state(host_state: TrainState, step: int, ckpt=None) -> None:
+  """Raises NonFiniteParamsError naming the first non-finite leaf of ``host_state``."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(host_state)[0]:
+    array = np.asarray(leaf)
+    if np.issubdtype(array.dtype, np.inexact) and not np.all(np.isfinite(array)):
+      directory, words = _last_good_checkpoint(ckpt)
+      raise NonFiniteParamsError(
+          f"non-finite values in {jax.tree_util.keystr(path)} after step {step}; last good "
+          f"checkpoint: {words}", step=step, checkpoint=directory)
 
 
 # --- optimizer ---------------------------------------------------------------------------------
@@ -252,13 +292,25 @@ def validate_config(config: ml_collections.ConfigDict, dp: parallel.DataParallel
     raise ValueError(f"config.model.name={config.model.name!r} is not one of {models.MODEL_NAMES}")
   if config.dataset not in datasets.DATASET_NAMES:
     raise ValueError(f"config.dataset={config.dataset!r} is not one of {datasets.DATASET_NAMES}")
+  apply_debug_flags(config)
+
+
+def apply_debug_flags(config: ml_collections.ConfigDict) -> None:
+  """``config.debug_nans``: JAX checks outputs for NaNs and names the operation that made one.
+
+  It reruns a function without jit on the first NaN, and :func:`fit` then also checks the state
+  after every step, so it is for debugging only: the default checks (the loss of every step, every
+  state before it is checkpointed) cost nothing measurable.
+  """
+  if config.get("debug_nans", False):
+    jax.config.update("jax_debug_nans", True)
 
 
 def fit(config: ml_collections.ConfigDict, model: nn.Module, images: np.ndarray,
         labels: np.ndarray, train_positions: np.ndarray, *, mean, std, key: jax.Array,
         dp: parallel.DataParallel | None = None, workdir: str | None = None,
-        flip_ok: bool = True, stop_after_steps: int | None = None, desc: str = "train"
-        ) -> tuple[TrainState | None, dict]:
+        flip_ok: bool = True, stop_after_steps: int | None = None, desc: str = "train",
+        stop: interruption.StopRequest | None = None) -> tuple[TrainState | None, dict]:
   """The training loop: ``config``'s recipe on ``images[train_positions]`` from a fresh init.
 
   With a ``workdir`` it checkpoints every ``config.checkpoint_every_steps`` steps (atomically),
@@ -266,6 +318,12 @@ def fit(config: ml_collections.ConfigDict, model: nn.Module, images: np.ndarray,
   (the ``retrain`` unlearning method uses that). Returns the final state (first device) and
   ``{"time_s", "compile_s", "steps", "images_per_s"}``; ``(None, {"stopped_at_step": s})`` when
   ``stop_after_steps`` ends it early, as an interruption would (for tests of resumption).
+
+  When ``stop`` is requested (a SIGTERM, see :mod:`megu_jax.interruption`) the loop finishes the
+  current step, checkpoints it and raises :class:`~megu_jax.interruption.Interrupted`. A damaged
+  checkpoint is moved aside with a warning and the previous one is resumed. A non-finite loss or
+  state raises :class:`NonFiniteError` naming the step and the last good checkpoint: a state is
+  checked before it is checkpointed, so every checkpoint is finite.
   """
   dp = dp or parallel.DataParallel(config.get("parallel", "mesh"))
   steps_per_epoch = len(train_positions) // config.batch_size
@@ -282,14 +340,17 @@ def fit(config: ml_collections.ConfigDict, model: nn.Module, images: np.ndarray,
   if workdir is not None:
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     config.checkpoint_every_steps)
-    if ckpt.latest_step() is not None:
-      start_step = ckpt.latest_step()
-      host_state, meta = ckpt.restore(start_step, state)
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+      start_step, host_state, meta = restored
       state = jax.tree.map(jnp.asarray, host_state)
       elapsed_s = float(meta.get("elapsed_s", 0.0))
   log = MetricsLog(os.path.join(workdir, "metrics.jsonl") if workdir else None,
                    keep_up_to_step=start_step)
 
+  # jax_debug_nans alone did not catch this step's NaNs (jax 0.10.2, measured: its post-call
+  # check never ran for the jitted step), so config.debug_nans also checks the state every step.
+  debug_nans = bool(config.get("debug_nans", False))
   augmentation = config.get("augment", ml_collections.ConfigDict())
   step_fn = dp.compile_step(make_train_step(
       model, tx, mean=mean, std=std, crop_padding=augmentation.get("crop_padding", 0),
@@ -309,6 +370,8 @@ def fit(config: ml_collections.ConfigDict, model: nn.Module, images: np.ndarray,
     positions = train_positions[order[offset * config.batch_size:(offset + 1) * config.batch_size]]
     batch = dp.put_batch(local_batch(images, labels, positions))
     state, metrics = step_fn(state, batch, parallel.fold_in_step(train_key, step))
+    if debug_nans:  # the exact step, at the cost of a host sync per step
+      check_finite_state(jax.device_get(dp.get_replicated(state)), step + 1, ckpt)
     if step == start_step:
       # The first call compiles: time it apart so that time_s measures training alone.
       jax.block_until_ready(metrics)
@@ -322,10 +385,24 @@ def fit(config: ml_collections.ConfigDict, model: nn.Module, images: np.ndarray,
     now = time.perf_counter()
     elapsed_s += now - last_time
     last_time = now
+    stopping = stop is not None and stop.requested
     if ckpt is not None and ((step + 1) % config.checkpoint_every_steps == 0
-                             or step + 1 == end_step):
-      ckpt.save(step + 1, dp.get_replicated(state), {"elapsed_s": elapsed_s}, force=True)
+                             or step + 1 == end_step or stopping):
+      # This step's loss and state are checked before they are kept: every checkpoint is good.
+      if _log_step(pending, log, bar, config, ckpt, window_start, window_images,
+                   force=step + 1 == end_step):
+        window_start, window_images = time.perf_counter(), 0
+      pending = None
+      host_state = jax.device_get(dp.get_replicated(state))
+      check_finite_state(host_state, step + 1, ckpt)
+      ckpt.save(step + 1, host_state, {"elapsed_s": elapsed_s}, force=True)
     bar.update(1)
+    if stopping:
+      bar.close()
+      where = f"checkpoint saved in {ckpt.step_directory(step + 1)}" if ckpt else "nothing saved"
+      raise interruption.Interrupted(
+          f"stopped by {interruption.signal_name(stop.signum)} after step {step + 1} of "
+          f"{total_steps}; {where}: run the same command again to resume", stop.signum)
   if pending is not None:
     _log_step(pending, log, bar, config, ckpt, window_start, window_images, force=True)
   bar.close()
@@ -333,7 +410,10 @@ def fit(config: ml_collections.ConfigDict, model: nn.Module, images: np.ndarray,
     ckpt.close()
   if end_step < total_steps:
     return None, {"stopped_at_step": end_step}
-  return dp.get_replicated(state), {
+  final_state = dp.get_replicated(state)
+  if ckpt is None:  # a checkpointed run checked its final state before saving it
+    check_finite_state(jax.device_get(final_state), total_steps)
+  return final_state, {
       "time_s": elapsed_s, "compile_s": compile_s, "steps": total_steps,
       "images_per_s": (total_steps - start_step) * config.batch_size / max(elapsed_s, 1e-9)}
 
@@ -346,21 +426,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ``stop_after_steps`` ends the run early *as if interrupted* (after checkpointing), for tests of
   resumption. Writes ``config.json``, ``model_info.json``, ``metrics.jsonl``, ``checkpoints/`` and
   ``final_metrics.json``; a Retrain run also writes its split's index files under ``split/``.
-  A finished run (``final_metrics.json`` present) is not redone.
+  A finished run (``final_metrics.json`` present) is not redone. A SIGTERM or Ctrl-C stops it after
+  the current step with a checkpoint (:class:`~megu_jax.interruption.Interrupted`).
   """
   dp = parallel.DataParallel(config.get("parallel", "mesh"))
   validate_config(config, dp)
   dataset = dataset or load_config_dataset(config)
-  final_path = os.path.join(workdir, "final_metrics.json")
-  if os.path.exists(final_path):
-    with open(final_path) as f:
-      return json.load(f)
-
   train_positions = np.arange(len(dataset.train_labels))
   split = None
   if config.get("retrain", False):
     split = split_from_config(config, dataset)  # validates the forget request before any work
     train_positions = split.retain_train
+    _check_saved_split(split, os.path.join(workdir, "split"), dataset)
+  final_path = os.path.join(workdir, "final_metrics.json")
+  final = _read_final_metrics(final_path)
+  if final is not None:
+    return final
+
   os.makedirs(workdir, exist_ok=True)
   if split is not None:
     splits.save_split(split, os.path.join(workdir, "split"))
@@ -372,10 +454,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "image_shape": list(dataset.image_shape), "mean": mean.tolist(), "std": std.tolist()})
 
   model = models.create_model(config.model, dataset.num_classes)
-  state, info = fit(config, model, dataset.train_images, dataset.train_labels, train_positions,
-                    mean=mean, std=std, key=jax.random.key(config.seed), dp=dp, workdir=workdir,
-                    flip_ok=dataset.flip_ok, stop_after_steps=stop_after_steps,
-                    desc="retrain" if config.get("retrain", False) else "train")
+  with interruption.deferred_stop_signals() as stop:
+    state, info = fit(config, model, dataset.train_images, dataset.train_labels, train_positions,
+                      mean=mean, std=std, key=jax.random.key(config.seed), dp=dp,
+                      workdir=workdir, flip_ok=dataset.flip_ok, stop_after_steps=stop_after_steps,
+                      desc="retrain" if config.get("retrain", False) else "train", stop=stop)
   if state is None:
     return info
 
@@ -388,15 +471,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return final
 
 
+def _read_final_metrics(path: str) -> dict | None:
+  """A finished run's metrics; None when the run has not finished (or the file is damaged)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      final = json.load(f)
+    if not isinstance(final, dict) or "test_acc" not in final:
+      raise ValueError("it holds no test_acc")
+    return final
+  except (ValueError, UnicodeDecodeError) as error:
+    # Evaluating the final checkpoint again rewrites it; the training steps are not redone.
+    logger.warning("%s is damaged (%s); evaluating the last checkpoint again", path, error)
+    return None
+
+
+def _check_saved_split(split: splits.ForgetSplit, directory: str,
+                       dataset: datasets.Dataset) -> None:
+  """A Retrain workdir's model was trained on its saved split: that split must be this one."""
+  if not os.path.exists(os.path.join(directory, splits.SPLIT_FILE)):
+    return
+  saved = splits.load_split(directory, dataset)  # SplitFileError naming a damaged file
+  for name in splits.INDEX_ARRAYS:
+    if not np.array_equal(getattr(saved, name), getattr(split, name)):
+      raise splits.SplitFileError(
+          f"{directory} holds another split ({name} differs) than the config asks for; its model "
+          "was trained on that one: use another workdir")
+
+
 def _log_step(pending, log, bar, config, ckpt, window_start, window_images, force=False) -> bool:
   """Checks the previous step's loss; logs it when on the interval. Returns whether it logged."""
   step, metrics = pending
   metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if not math.isfinite(metrics["loss"]):
-    last = ckpt.latest_step() if ckpt is not None else None
+    directory, words = _last_good_checkpoint(ckpt)
     raise NonFiniteLossError(
-        f"non-finite loss {metrics['loss']} at step {step + 1}; last good checkpoint: "
-        + (f"step {last} in {ckpt.directory}" if last is not None else "none"))
+        f"non-finite loss {metrics['loss']} at step {step + 1}; last good checkpoint: {words}",
+        step=step + 1, checkpoint=directory)
   if force or (step + 1) % config.log_every_steps == 0:
     rate = window_images / max(time.perf_counter() - window_start, 1e-9)
     log.write({"step": step + 1, **metrics, "images_per_s": rate})
@@ -433,7 +545,11 @@ class MetricsLog:
 
 
 def restore_trained(workdir: str) -> Trained:
-  """The final state of a finished ``train_and_evaluate`` run in ``workdir``."""
+  """The final state of a finished ``train_and_evaluate`` run in ``workdir``.
+
+  Raises:
+    CheckpointError: naming the checkpoint, when the final one is missing or damaged.
+  """
   paths = {name: os.path.join(workdir, name) for name in ("config.json", "model_info.json")}
   for path in paths.values():
     if not os.path.exists(path):
@@ -447,11 +563,43 @@ def restore_trained(workdir: str) -> Trained:
   step = ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
+  final = _read_final_metrics(os.path.join(workdir, "final_metrics.json"))
+  if final is not None and "steps" in final and step != final["steps"]:
+    raise checkpoints.CheckpointError(
+        f"the final checkpoint {ckpt.step_directory(final['steps'])} of {workdir} is missing "
+        f"(the newest is step {step})")
   model = models.create_model(config.model, info["num_classes"])
   # The optimizer's state structure does not depend on the schedule's length: any steps_per_epoch.
   abstract = create_train_state(model, make_optimizer(config, 1), jax.random.key(0),
                                 tuple(info["image_shape"]))
-  host_state, _ = ckpt.restore(step, abstract)
-  ckpt.close()
+  try:
+    host_state, _ = ckpt.restore(step, abstract)
+  finally:
+    ckpt.close()
   return Trained(config=config, model=model, state=jax.tree.map(jnp.asarray, host_state),
                  mean=np.asarray(info["mean"], np.float32), std=np.asarray(info["std"], np.float32))
+
+
+def train_and_restore(config: ml_collections.ConfigDict, workdir: str,
+                      dataset: datasets.Dataset | None = None) -> tuple[Trained, dict]:
+  """:func:`train_and_evaluate`, then the trained model and its final metrics.
+
+  A damaged final checkpoint is not trusted: it is moved aside (saying so), and the last steps are
+  trained again from the previous checkpoint, which gives the same state (the data order and the
+  step keys are functions of the step).
+  """
+  final = train_and_evaluate(config, workdir, dataset)
+  try:
+    return restore_trained(workdir), final
+  except checkpoints.CheckpointError as error:
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    config.checkpoint_every_steps)
+    moved = ""
+    if os.path.isdir(ckpt.step_directory(final["steps"])):
+      moved = f"; moved it to {ckpt.quarantine(final['steps'])}"
+    ckpt.close()
+    logger.warning("%s%s; training the last steps again from the previous checkpoint", error,
+                   moved)
+  os.remove(os.path.join(workdir, "final_metrics.json"))
+  final = train_and_evaluate(config, workdir, dataset)
+  return restore_trained(workdir), final

@@ -214,8 +214,9 @@ def load_transition(path: str, num_classes: Optional[int] = None) -> jnp.ndarray
     raise FileNotFoundError(f"no transition matrix at {path}")
   try:
     matrix = np.load(path, allow_pickle=False)
-  except ValueError as e:  # Object arrays and corrupt headers both land here.
-    raise InvalidTransitionError(f"{path}: cannot be read as a numeric .npy array: {e}") from None
+  except (ValueError, EOFError, OSError) as e:  # object arrays, corrupt headers, cut-off files
+    raise InvalidTransitionError(
+        f"{path}: cannot be read as a numeric .npy array ({type(e).__name__}: {e})") from None
   try:
     validate_transition(matrix, num_classes)
   except InvalidTransitionError as e:

@@ -4,7 +4,9 @@ It talks to the Gemini API through the google-genai client (``from google import
 ``generateContent`` request per class row (or per image in per-sample mode), with a JSON response
 schema. Every accepted raw answer is cached on disk, keyed by the hashes of the model name, the
 prompt, the request configuration and the images, so a rerun after a failure continues where it
-stopped and a complete rerun sends no request at all.
+stopped and a complete rerun sends no request at all. Each entry carries the SHA-256 of its text; a
+damaged entry (unreadable, cut off, or edited) is discarded with a warning naming it and asked for
+again.
 
 The API key is read from the environment only (GEMINI_API_KEY, else GOOGLE_API_KEY) and never
 reaches a file, a log line, a cache entry, an exception message or a repr: it lives only inside the
@@ -396,10 +398,16 @@ class GeminiOracle:
     try:
       with open(path, encoding="utf-8") as f:
         entry = json.load(f)
-      return parse(entry["raw_text"])
+      raw_text = entry["raw_text"]
+      # The hash catches an answer changed on disk that still parses (a flipped digit in a score).
+      if entry.get("raw_text_sha256") != _sha256(raw_text):
+        raise ValueError("its raw_text does not match the raw_text_sha256 recorded with it")
+      return parse(raw_text)
     except (OSError, ValueError, KeyError, TypeError) as e:
-      # A damaged entry is a miss, not a failure: the answer is simply asked for again.
-      logger.warning("ignoring unreadable cache entry %s: %s", path, e)
+      # A damaged entry is a miss, not a failure: the answer is simply asked for again (and the
+      # new answer replaces the entry).
+      logger.warning("discarding damaged Gemini cache entry %s (%s); asking again", path,
+                     self._scrub(e))
       return None
 
   def _backoff_s(self, retry: int, retry_after_s: Optional[float]) -> float:
@@ -487,6 +495,7 @@ class GeminiOracle:
           "image_sha256": image_hashes,
           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "raw_text": raw_text,
+          "raw_text_sha256": _sha256(raw_text),
       })
       return result
     raise failure  # The loop runs at least once, and only falls through after a failure.
