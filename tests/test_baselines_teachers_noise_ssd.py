@@ -277,6 +277,43 @@ def test_scrub_moves_away_from_the_teacher_on_forget_images_only(digits, trained
   assert diagnostics["max_metrics"]["loss"] < 0  # the max-step minimises −KL
   for name in ("max_s", "min_s", "compile_s"):
     assert timings[name] > 0, name
+  # By default the student's steps leave the running statistics alone: test time normalises
+  # every class as the original did.
+  for a, b in zip(jax.tree.leaves(trained.state.batch_stats),
+                  jax.tree.leaves(unlearned.state.batch_stats)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def scrub_state_and_step(trained, update_batch_stats):
+  settings = scrub_lib.default_scrub_config()
+  settings.update_batch_stats = update_batch_stats
+  tx = optax.sgd(0.0)  # parameters stay the original's: the step's BatchNorm alone is compared
+  state = scrub_lib.ScrubState(
+      step=jnp.zeros((), jnp.int32), params=trained.state.params,
+      opt_state=tx.init(trained.state.params), teacher_params=trained.state.params,
+      teacher_batch_stats=trained.state.batch_stats, batch_stats=trained.state.batch_stats)
+  step = jax.jit(scrub_lib.make_scrub_step(trained.model, tx, settings, mean=trained.mean,
+                                           std=trained.std)(None))
+  return state, step
+
+
+@pytest.mark.parametrize("update_batch_stats", [False, True])
+def test_scrub_student_normalises_with_batch_statistics(trained, data, update_batch_stats):
+  forget, _ = data
+  state, step = scrub_state_and_step(trained, update_batch_stats)
+  batch = {"image": forget.images[:32], "label": forget.labels[:32],
+           "is_forget": np.ones(32, bool)}
+  new_state, step_metrics = step(state, batch, jax.random.key(0))
+  # Same parameters as the teacher: a student on running statistics would give KL = 0 exactly;
+  # the batch statistics of 32 forget images (one class) differ from the running ones.
+  assert float(step_metrics["kl"]) > 1e-3, step_metrics
+  changed = [not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(state.batch_stats),
+                             jax.tree.leaves(new_state.batch_stats))]
+  assert all(changed) if update_batch_stats else not any(changed), changed
+  for a, b in zip(jax.tree.leaves(state.teacher_batch_stats),
+                  jax.tree.leaves(new_state.teacher_batch_stats)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # --- bad input ------------------------------------------------------------------------------------

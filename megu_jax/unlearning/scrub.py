@@ -12,14 +12,39 @@ then one pass of *min-steps* over D_r:
 with KL_T the KL of the temperature-T softmaxes (T = 4; the T² keeps gradient sizes comparable
 across temperatures, as SCRUB's ``DistillKL``), γ = 0.99, α = 0.001, SGD 5e-4 (momentum 0.9,
 weight decay 5e-4), 3 epochs, 2 of them with max-steps. One optimiser serves both kinds of step,
-as in SCRUB's code. BatchNorm runs in inference mode, as in MeGU.
+as in SCRUB's code.
 
-Known problem (measured on Fashion-MNIST, forget Shirt, the defaults above): the max-steps diverge
-within the first max-epoch (47 steps of 128: KL to the teacher 1e-7 -> 0.8 at step 30 -> 413 at
-step 40 -> NaN at 44), and :func:`scrub` raises ``NonFiniteLossError``. −KL is unbounded, and with
-BatchNorm frozen nothing stops the weights' scale from compounding across layers; SCRUB's own
-code runs BatchNorm on batch statistics, which bounds that. On digits (5 max-steps per epoch) it
-is stable.
+BatchNorm: the teacher runs in inference mode; the student's steps normalise with *batch*
+statistics, as SCRUB's code, which puts the student in ``train()`` mode. By default the running
+statistics are not updated (``update_batch_stats = False``): the unlearned model is tested with the
+original's, so a max-epoch of forget-only batches cannot shift how every class is normalised.
+``update_batch_stats = True`` carries them forward as PyTorch's ``train()`` does (SCRUB's code
+literally); the training trajectory is the same either way, only the returned statistics differ.
+
+Fashion-MNIST, forget Shirt (4-epoch original; Retrain: Dr 95.3, Df 0, MIA 26.6), measured with
+``python /tmp/s2/tune.py full_class Shirt OUT "scrub;scrub.learning_rate=LR"`` on 2 busy cores
+(Dr / Df = retain / forget test accuracy, MIA = mia_entropy_lr, all %; gap = avg_gap to Retrain):
+
+  ============================  =====  =====  =====  =====  ======
+  learning rate (SGD)           Dr     Df     MIA    gap    time
+  ============================  =====  =====  =====  =====  ======
+  5e-4 (method.md), frozen BN   NaN (first max-epoch, step 44 of 47)
+  5e-4, batch statistics        NaN (second max-epoch)
+  3e-4, batch statistics        80.8    0.0   26.7    4.89  99 s
+  2e-4, batch statistics        95.0   27.3   20.7   11.17  64 s
+  2e-4, update_batch_stats      95.0   26.9   17.7   12.01  84 s
+  1e-4, batch statistics        94.9   44.8   15.6   18.72  76 s
+  ============================  =====  =====  =====  =====  ======
+
+Batch statistics alone do not save the method's 5e-4 here: −KL is unbounded, and on the small
+CNN (two dense layers after the last BatchNorm, where SCRUB's ResNet has one) the max-steps grow
+the KL to the teacher exponentially while the weights barely move (the two max-epochs alone, no
+min-steps between: KL 0.18 at step 5, 33 at step 30 with every kernel within 7% of its start,
+1.5e6 at step 50, NaN at 57; at 1e-4, KL 1.0 after one max-epoch and 98 after two). 3e-4 forgets
+Shirt but over-unlearns (related classes 78.0 against Retrain's 91.7, the judging criterion of
+method.md section 4); 2e-4 is the largest rate measured that keeps the rest intact (related 91.8).
+The default stays method.md's 5e-4 (on digits, 5 max-steps per epoch, it is stable); a
+Fashion-MNIST config sets the rate. A run that diverges raises ``NonFiniteLossError``.
 """
 from __future__ import annotations
 
@@ -38,7 +63,7 @@ from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
 from megu_jax.unlearning.bad_teacher import (distillation_kl_per_example, frozen_logits,
-                                             run_phase_once_compiled, with_params)
+                                             run_phase_once_compiled)
 from megu_jax.unlearning.base import UnlearnData, check_data, check_positive
 from megu_jax.unlearning.finetune import (check_count, check_finite, host_copy, method_settings,
                                           resolve_batch_size, seed_from_key)
@@ -57,6 +82,10 @@ def default_scrub_config() -> ml_collections.ConfigDict:
   c.retain_kl_weight = 0.001  # α
   c.forget_batch_size = 0     # 0 = the experiment's config.batch_size
   c.retain_batch_size = 0     # 0 = the experiment's config.batch_size
+  # BatchNorm of the student's steps: it always normalises with batch statistics (train mode, as
+  # SCRUB's code); True also carries the running statistics forward (PyTorch's train() does) and
+  # returns them, False keeps the original's for test time (see the module docstring).
+  c.update_batch_stats = False
   return c
 
 
@@ -67,7 +96,9 @@ class ScrubState:
   params: Any                 # the student
   opt_state: Any
   teacher_params: Any         # the original model, frozen
-  batch_stats: Any            # frozen, shared by student and teacher
+  teacher_batch_stats: Any    # the original's running statistics, frozen (teacher, eval mode)
+  batch_stats: Any            # the student's running statistics (moved only if
+  #                             update_batch_stats)
 
 
 def make_scrub_step(model: nn.Module, tx: optax.GradientTransformation,
@@ -81,29 +112,38 @@ def make_scrub_step(model: nn.Module, tx: optax.GradientTransformation,
   """
   temperature = float(settings.temperature)
   kl_scale = temperature ** 2
+  update_batch_stats = bool(settings.update_batch_stats)
 
   def factory(axis_name: str | None):
+    # The student normalises with the statistics of the whole (global) batch, as training does.
+    student_model = model.clone(bn_axis_name=axis_name)
 
     def scrub_step(state: ScrubState, batch: dict, key: jax.Array):
       del key
       images = train.prepare_images({"image": batch["image"]}, None, mean, std)
-      teacher_logits = frozen_logits(model, state.teacher_params, state.batch_stats, images)
+      teacher_logits = frozen_logits(model, state.teacher_params, state.teacher_batch_stats,
+                                     images)
       is_forget = batch["is_forget"]
 
       def loss_fn(params):
-        student_logits = frozen_logits(model, params, state.batch_stats, images)
+        # Batch statistics, not running ones: with frozen BatchNorm the −KL of the max-steps
+        # grows the weights' scale unchecked across layers and diverges (module docstring).
+        student_logits, _, batch_stats = train.apply_model(student_model, params,
+                                                           state.batch_stats, images, train=True)
         kl = kl_scale * distillation_kl_per_example(teacher_logits, student_logits, temperature)
         ce = optax.softmax_cross_entropy_with_integer_labels(student_logits, batch["label"])
         per_example = jnp.where(is_forget, -kl, settings.retain_ce_weight * ce
                                 + settings.retain_kl_weight * kl)
-        return jnp.mean(per_example), {"kl": jnp.mean(kl), "ce": jnp.mean(ce)}
+        return jnp.mean(per_example), ({"kl": jnp.mean(kl), "ce": jnp.mean(ce)}, batch_stats)
 
-      (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params)
       grads = parallel.cross_device_mean(grads, axis_name)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      new_state = state.replace(step=state.step + 1,
-                                params=optax.apply_updates(state.params, updates),
-                                opt_state=opt_state)
+      new_state = state.replace(
+          step=state.step + 1, params=optax.apply_updates(state.params, updates),
+          opt_state=opt_state,
+          batch_stats=batch_stats if update_batch_stats else state.batch_stats)
       return new_state, parallel.cross_device_mean({"loss": loss, **terms}, axis_name)
     return scrub_step
   return factory
@@ -157,6 +197,7 @@ def scrub(trained: train.Trained, forget_data: UnlearnData, retain_data: Unlearn
   state = dp.put_replicated(ScrubState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
       teacher_params=host_copy(trained.state.params),
+      teacher_batch_stats=host_copy(trained.state.batch_stats),
       batch_stats=host_copy(trained.state.batch_stats)))
   step_fn = dp.compile_step(make_scrub_step(trained.model, tx, settings, mean=trained.mean,
                                             std=trained.std))
@@ -180,4 +221,9 @@ def scrub(trained: train.Trained, forget_data: UnlearnData, retain_data: Unlearn
     check_finite(metrics, "scrub")
   if diagnostics is not None:
     diagnostics.update(last)
-  return with_params(trained, dp.get_replicated(state).params)
+  state = dp.get_replicated(state)
+  # Unless update_batch_stats, state.batch_stats are still the original's.
+  return train.Trained(config=trained.config, model=trained.model,
+                       state=trained.state.replace(params=state.params,
+                                                   batch_stats=state.batch_stats),
+                       mean=trained.mean, std=trained.std)
