@@ -187,7 +187,8 @@ def test_train_stopped_killed_and_damaged_still_ends_as_the_uninterrupted_run(tm
   args = [*CONFIG_ARGS, f"--workdir={workdir}"]
   total = reference.original_final["steps"]
 
-  # SIGTERM while the run pauses after its step-20 checkpoint: step 21 ends, is saved, and it says so.
+  # SIGTERM while the run pauses after its step-20 checkpoint: step 21 ends, is saved, and it
+  # says so.
   run = Command("experiments.train", args, tmp_path, "sigterm")
   run.wait_for("EVENT checkpoint 20 ")
   run.proc.send_signal(signal.SIGTERM)
@@ -414,7 +415,7 @@ def test_a_damaged_gemini_cache_entry_is_discarded_and_asked_again(tmp_path, mon
   assert "asking again" in caplog.text
 
 
-# --- 3. Numerical faults ---------------------------------------------------------------------------
+# --- 3. Numerical faults --------------------------------------------------------------------------
 @pytest.mark.parametrize("debug_nans", [False, True])
 def test_a_diverging_run_stops_at_the_step_naming_the_last_good_checkpoint(tmp_path, debug_nans):
   # SGD at learning rate 1000 overflows within a few steps on digits.
@@ -443,7 +444,7 @@ def test_a_diverging_run_stops_at_the_step_naming_the_last_good_checkpoint(tmp_p
   assert cli.exit_code(error.value) == cli.EXIT_FAILED
 
 
-# --- 4. Bad input fails before any compute, in one line --------------------------------------------
+# --- 4. Bad input fails before any compute, in one line -------------------------------------------
 def test_bad_command_lines_fail_in_one_line_with_exit_code_2_creating_nothing(tmp_path):
   cut = tmp_path / "cut.npy"
   _write_npy_then(cut, lambda p: os.truncate(p, p.stat().st_size // 2))
@@ -504,7 +505,7 @@ def test_a_bad_benchmark_scenario_fails_before_any_cell_runs(tmp_path):
   assert not (tmp_path / "bench").exists()
 
 
-# --- 5. Secrets ------------------------------------------------------------------------------------
+# --- 5. Secrets -----------------------------------------------------------------------------------
 def test_the_gemini_key_reaches_no_file_output_or_help_text(tmp_path, monkeypatch, capsys,
                                                             caplog):
   # build_transition's own subprocess tests cover its printed lines on Fashion-MNIST; here the
@@ -587,7 +588,7 @@ def test_names_that_sanitise_alike_get_different_directories():
   assert experiment._slug("Shirt") == "Shirt"  # plain names stay readable
 
 
-# --- How failures are printed ----------------------------------------------------------------------
+# --- How failures are printed ---------------------------------------------------------------------
 def test_expected_failures_print_one_scrubbed_line_and_unexpected_ones_a_traceback(
     monkeypatch, capsys):
   monkeypatch.setenv("GEMINI_API_KEY", SECRET)
