@@ -349,8 +349,8 @@ def make_optimizer(settings: ml_collections.ConfigDict, total_steps: int
     opt = optax.adam(learning_rate)
   # Clipping guards against a confident original model: a ỹ it finds near-impossible gives a
   # cross-entropy of ~20 and gradients that momentum SGD turns into NaN within a few steps.
-  clip = (optax.clip_by_global_norm(settings.max_grad_norm) if settings.max_grad_norm > 0
-          else optax.identity())
+  max_grad_norm = settings.get("max_grad_norm", 0.0)  # baselines share this optimiser
+  clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm > 0 else optax.identity()
   return optax.chain(clip, optax.add_decayed_weights(settings.weight_decay), opt)
 
 
