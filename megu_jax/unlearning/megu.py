@@ -153,13 +153,42 @@ def default_megu_config() -> ml_collections.ConfigDict:
   c.forget_batch_size = 128
   c.retain_batch_size = 128
   c.retain_subset_size = 0     # draw retain batches from this many retain images; 0 = all
+  # --- random (sample-level) forgetting: these fields replace the ones above ---
+  # Measured on 100 random Fashion-MNIST samples (seed 0; Retrain Dr 91.2, Df 91.0, MIA 66.0;
+  # the original is already close: Dr 91.1, Df 92.0, MIA 68.0, gap 1.03):
+  #   defaults above (own label weight 0.5)          Dr 88.0  Df 92.0  MIA 94.0  gap 10.7
+  #   own_class_weight 0 (ỹ never the label)          Dr 89.3  Df 73.0  MIA 53.0  gap 11.0
+  #   one step only (epochs 1), own_class_weight 0    Dr 88.5  Df 92.0  MIA 63.0  gap 2.2
+  #   noise per class                                 Dr 87.4  Df 92.0  MIA 88.0  gap 8.9
+  #   max_grad_norm 1                                 Dr 88.6  Df 92.0  MIA 97.0  gap 11.5
+  #   forget_weight 0.1, lr 0.01                       Dr 91.1  Df 91.0  MIA 80.0  gap 4.7
+  #   forget_weight 0.1, lr 0.01, no noise  <- used   Dr 91.0  Df 92.0  MIA 70.0  gap 1.7
+  # A hundred samples' worth of forget batches, revisited 64 times over 50 steps, dominate the
+  # update: every variant that trains on them at full weight costs 2-4 points of test accuracy,
+  # and the noise pair (per sample) only adds to it. Here MeGU does best by doing little -- it
+  # does not beat leaving the model alone (README, "Limitations").
+  c.random_scenario = ml_collections.ConfigDict(
+      {"forget_weight": 0.1, "learning_rate": 0.01, "noise": "none"})
   return c
 
 
 # --- settings -----------------------------------------------------------------------------------
 def megu_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """``config.megu`` over the defaults; an unknown field fails, listing the known ones."""
-  return method_settings(config, "megu", default_megu_config())
+  """``config.megu`` over the defaults, then ``random_scenario`` in the random scenario.
+
+  An unknown field (also inside ``random_scenario``) fails, listing the known ones.
+  """
+  settings = method_settings(config, "megu", default_megu_config())
+  overrides = settings.random_scenario
+  unknown = sorted(set(overrides.keys()) - set(settings.keys()))
+  if unknown:
+    raise UnlearningInputError(
+        f"config.megu.random_scenario has unknown field(s) {unknown}; known fields: "
+        f"{sorted(k for k in settings.keys() if k != 'random_scenario')}")
+  if config.get("scenario") == "random":
+    for field, value in overrides.items():
+      settings[field] = value
+  return settings
 
 
 def _is_transition_file(source: str) -> bool:
