@@ -1,0 +1,136 @@
+"""What unlearning costs: each method's wall time relative to Retrain's, MeGU's by phase.
+
+``experiments.bench_unlearning`` writes what these functions return. A cost record holds a
+method's ``time_s`` (its call without compilation), ``compile_s`` and its own phase timings;
+``relative_to_retrain`` divides ``time_s`` by Retrain's training time *of the same cell* (one
+scenario, split and seed, so both ran on the same data on the same machine).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+import zlib
+
+import jax
+import numpy as np
+
+from megu_jax import experiment
+from megu_jax import unlearning
+
+MEGU_PHASES = ("transition_s", "noise_s", "finetune_s")
+
+
+def method_cost(record: dict, retrain: dict) -> dict:
+  """One method's timings and ratios to Retrain's (both dicts with ``time_s``, ``compile_s``)."""
+  cost = {k: float(v) for k, v in record.items() if k.endswith("_s")}
+  cost.setdefault("compile_s", 0.0)
+  retrain_time = float(retrain["time_s"])
+  retrain_total = retrain_time + float(retrain.get("compile_s", 0.0))
+  if retrain_time > 0:
+    cost["relative_to_retrain"] = cost["time_s"] / retrain_time
+    cost["relative_to_retrain_with_compile"] = (cost["time_s"] + cost["compile_s"]) / retrain_total
+  return cost
+
+
+def megu_phases(cost: dict, oracle_s: float | None = None) -> dict:
+  phases = {k: cost[k] for k in MEGU_PHASES if k in cost}
+  phases["other_s"] = cost["time_s"] - sum(phases.values())
+  if oracle_s is not None:
+    phases["oracle_s"] = oracle_s
+  total = cost["time_s"]
+  phases["shares"] = {k: v / total for k, v in phases.items() if k.endswith("_s") and total > 0}
+  return phases
+
+
+def summarize(cells: dict[str, dict]) -> dict:
+  """Mean and spread over cells of each method's ratio to Retrain."""
+  by_method: dict[str, list[dict]] = {}
+  for methods in cells.values():
+    for name, cost in methods.items():
+      by_method.setdefault(name, []).append(cost)
+  summary = {}
+  for name, costs in by_method.items():
+    entry = {"cells": len(costs)}
+    for key in ("time_s", "compile_s", "relative_to_retrain", "relative_to_retrain_with_compile",
+                *MEGU_PHASES):
+      values = [c[key] for c in costs if key in c]
+      if values:
+        entry[key] = {"mean": float(np.mean(values)), "min": float(np.min(values)),
+                      "max": float(np.max(values))}
+    summary[name] = entry
+  return summary
+
+
+def from_benchmark(directory: str) -> dict:
+  """Costs of every cell of a benchmark workdir that has Retrain's record."""
+  cells = {}
+  for cell_dir in sorted(glob.glob(os.path.join(directory, "cells", "*"))):
+    records = {}
+    for path in sorted(glob.glob(os.path.join(cell_dir, "methods", "*.json"))):
+      try:
+        with open(path) as f:
+          records[os.path.basename(path)[:-len(".json")]] = json.load(f)["metrics"]
+      except (OSError, json.JSONDecodeError, KeyError):
+        continue  # a half-written or old-format record: the benchmark will redo it
+    if "retrain" not in records:
+      continue
+    methods = {name: method_cost(record, records["retrain"]) for name, record in records.items()
+               if "time_s" in record}
+    if "megu" in methods:
+      methods["megu"]["phases"] = megu_phases(methods["megu"])
+    cells[os.path.basename(cell_dir)] = methods
+  if not cells:
+    raise FileNotFoundError(f"no cell under {directory}/cells has a retrain.json: is it a "
+                            "benchmark workdir (python -m experiments.benchmark)?")
+  return {"source": {"benchmark": os.path.abspath(directory)}, "cells": cells,
+          "summary": summarize(cells)}
+
+
+def run_methods(config, workdir: str, models_root: str | None) -> dict:
+  """Runs every method of ``config.methods`` (and Retrain) here, timing each call."""
+  checked = experiment.validate_before_compute(config)
+  setting = experiment.prepare(config, workdir, models_root=models_root, checked=checked)
+  records = {}
+  for name in checked[2]:
+    if name == "original":
+      continue  # does nothing: nothing to time
+    timings: dict[str, float] = {}
+    key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(name.encode()))
+    start = time.perf_counter()
+    unlearned = unlearning.get_method(name)(setting.original, setting.forget_data,
+                                            setting.retain_data, setting.method_config, key,
+                                            timings=timings)
+    jax.block_until_ready(unlearned.state)
+    wall_s = time.perf_counter() - start
+    compile_s = float(timings.get("compile_s", 0.0))
+    records[name] = {**{k: float(v) for k, v in timings.items()}, "compile_s": compile_s,
+                     "time_s": wall_s - compile_s, "wall_s": wall_s}
+    print(f"{name}: {records[name]['time_s']:.1f} s (+{compile_s:.1f} s compile)", flush=True)
+  methods = {name: method_cost(record, records["retrain"]) for name, record in records.items()}
+  if "megu" in methods:
+    methods["megu"]["phases"] = megu_phases(methods["megu"],
+                                            setting.transition_info.get("transition_s"))
+  cell = f"{config.scenario}_{config.forget or config.forget_size}_seed{config.seed}"
+  cells = {cell: methods}
+  return {"source": {"run": True, "dataset": config.dataset, "scenario": config.scenario,
+                     "forget": str(config.forget), "seed": int(config.seed),
+                     "epochs": int(config.epochs)},
+          "cells": cells, "summary": summarize(cells)}
+
+
+def print_table(result: dict) -> None:
+  """Mean time and ratio per method, fastest first; MeGU's phases below."""
+  print(f"{'method':<14} {'time_s':>9} {'compile_s':>9} {'x Retrain':>9} {'x (w/ compile)':>14}")
+  for name, entry in sorted(result["summary"].items(),
+                            key=lambda item: item[1].get("time_s", {}).get("mean", 0)):
+    def mean(key):
+      return entry[key]["mean"] if key in entry else float("nan")
+    print(f"{name:<14} {mean('time_s'):>9.1f} {mean('compile_s'):>9.1f} "
+          f"{mean('relative_to_retrain'):>9.3f} {mean('relative_to_retrain_with_compile'):>14.3f}")
+  megu = [m["megu"]["phases"] for m in result["cells"].values() if "megu" in m]
+  if megu:
+    keys = [k for k in megu[0] if k.endswith("_s")]
+    print("MeGU phases (mean s): " + ", ".join(
+        f"{k[:-2]} {np.mean([p[k] for p in megu if k in p]):.1f}" for k in keys))
