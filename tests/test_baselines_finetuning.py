@@ -18,8 +18,7 @@ from megu_jax import parallel
 from megu_jax import splits
 from megu_jax import train
 from megu_jax import unlearning
-# Importing the modules registers the methods (until unlearning/__init__ imports them).
-from megu_jax.unlearning import finetune as finetune_lib
+from megu_jax.unlearning import base as base_lib
 from megu_jax.unlearning import neggrad_plus as neggrad_plus_lib
 from megu_jax.unlearning import random_label as random_label_lib
 from megu_jax.unlearning import salun as salun_lib
@@ -143,10 +142,10 @@ def neggrad_plus_batch(forget, retain):
 def run_neggrad_plus_steps(trained, forget, retain, mode, num_devices, num_steps=3,
                            forget_loss_cap=0.0, tx=optax.sgd(0.05, momentum=0.9)):
   dp = parallel.DataParallel(mode, tuple(jax.devices()[:num_devices]))
-  params = finetune_lib.host_copy(trained.state.params)
+  params = base_lib.host_copy(trained.state.params)
   state = dp.put_replicated(train.TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
-      batch_stats=finetune_lib.host_copy(trained.state.batch_stats), opt_state=tx.init(params)))
+      batch_stats=base_lib.host_copy(trained.state.batch_stats), opt_state=tx.init(params)))
   step = dp.compile_step(neggrad_plus_lib.make_neggrad_plus_step(
       trained.model, tx, mean=trained.mean, std=trained.std, retain_weight=0.8,
       forget_loss_cap=forget_loss_cap))

@@ -13,6 +13,7 @@ from megu_jax import splits
 from megu_jax import train
 from megu_jax import transition
 from megu_jax import unlearning
+from megu_jax.unlearning import base as base_lib
 from megu_jax.unlearning import megu as megu_lib
 
 FORGET = "3"
@@ -92,7 +93,7 @@ def run_unlearning_steps(trained, forget, mode, num_devices, settings, num_steps
   """A noise step then finetuning steps that update the noise, the KL and the alignment terms."""
   dp = parallel.DataParallel(mode, tuple(jax.devices()[:num_devices]))
   model = trained.model
-  tx = megu_lib.make_optimizer(settings, num_steps)
+  tx = base_lib.make_optimizer(settings, num_steps)
   negative_tx, positive_tx = megu_lib.noise_optimizers(settings)
   noise_state = noise_lib.init_noise((32,), len(forget), digits_num_classes(trained), negative_tx,
                                      positive_tx)

@@ -6,8 +6,8 @@ model of the same architecture (the *incompetent* teacher), which knows nothing 
 loss is KL(teacher ‖ student) at temperature T = 1 over one epoch of D_f ∪ (30% of D_r), shuffled
 together, Adam 1e-4.
 
-The end of this module holds the small pieces that UNSIR, SSD and SCRUB share with it
-(distillation KL, frozen-BatchNorm logits, phases timed across reuse): they import them from here.
+The end of this module holds the distillation KL, which SCRUB shares with it and imports from
+here.
 
 As in MeGU, BatchNorm runs in inference mode (running statistics frozen, scale and bias trained):
 half a batch of forget images would otherwise move the normalisation of every class. No
@@ -16,7 +16,7 @@ augmentation: the forget images must be the ones an attacker queries.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -29,13 +29,10 @@ import optax
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
-from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data,
-                                      check_positive)
-# Settings, batch sizes, host copies and seeds: the finetuning baselines' helpers; batch streams
-# and timed phases: MeGU's (private there). Imported rather than rewritten; candidates for base.py.
-from megu_jax.unlearning.finetune import (check_finite, host_copy, method_settings,
-                                          resolve_batch_size, seed_from_key)
-from megu_jax.unlearning.base import row_stream, run_phase
+from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data, check_finite,
+                                      check_positive, frozen_logits, host_copy, method_settings,
+                                      resolve_batch_size, row_stream, run_phase, seed_from_key,
+                                      with_params)
 
 
 def default_bad_teacher_config() -> ml_collections.ConfigDict:
@@ -168,20 +165,7 @@ def bad_teacher(trained: train.Trained, forget_data: UnlearnData, retain_data: U
   return with_params(trained, dp.get_replicated(state).params)
 
 
-# --- shared by bad_teacher, unsir, ssd and scrub (candidates for base.py) ------------------------
-def with_params(trained: train.Trained, params: Any) -> train.Trained:
-  """``trained`` with new parameters (BatchNorm statistics and everything else unchanged)."""
-  return train.Trained(config=trained.config, model=trained.model,
-                       state=trained.state.replace(params=params), mean=trained.mean,
-                       std=trained.std)
-
-
-def frozen_logits(model: nn.Module, params: Any, batch_stats: Any, images: jax.Array) -> jax.Array:
-  """Logits ``[B, K]`` with BatchNorm in inference mode (running statistics read, not updated)."""
-  logits, _, _ = train.apply_model(model, params, batch_stats, images, train=False)
-  return logits
-
-
+# --- the distillation loss, shared with scrub ---------------------------------------------------
 def distillation_kl_per_example(teacher_logits: jax.Array, student_logits: jax.Array,
                                 temperature: float = 1.0) -> jax.Array:
   """KL(softmax(teacher / T) ‖ softmax(student / T)) ``[B]`` of logits ``[B, K]``."""
@@ -198,24 +182,4 @@ def distillation_kl(teacher_logits: jax.Array, student_logits: jax.Array,
   multiplies by T², see :mod:`.scrub`).
   """
   return jnp.mean(distillation_kl_per_example(teacher_logits, student_logits, temperature))
-
-
-def run_phase_once_compiled(step_fn: Callable, state, batches, key: jax.Array, timings_key: str,
-                            timings: dict, compiled: set, compile_key: Any = None):
-  """``run_phase`` for a step that may have run before: only its first call ever is compile_s.
-
-  ``compiled`` holds the ``compile_key``s (default: the step function itself; add the batch
-  shape when it varies) already called once; a phase that reuses one (a second epoch, a second
-  importance pass) counts its first call as work, not compilation.
-  """
-  compile_key = step_fn if compile_key is None else compile_key
-  if compile_key in compiled:
-    phase = {}
-    state, metrics = run_phase(step_fn, state, batches, key, timings_key, phase)
-    timings[timings_key] = (timings.get(timings_key, 0.0) + phase.get("compile_s", 0.0)
-                            + phase.get(timings_key, 0.0))
-    return state, metrics
-  compiled.add(compile_key)
-  return run_phase(step_fn, state, batches, key, timings_key, timings)
-
 

@@ -1,4 +1,4 @@
-"""What every unlearning method shares: its data, its signature, and input checks.
+"""What the unlearning methods share: their data, signature, input checks and host-loop pieces.
 
 An unlearning method is a function
 
@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from megu_jax import parallel
 from megu_jax import train
@@ -131,6 +133,63 @@ def check_positive(field: str, value, *, allow_zero: bool = False) -> None:
         f"{field}={value!r} must be a finite number {'>= 0' if allow_zero else '> 0'}")
 
 
+def check_count(field: str, value, *, minimum: int = 0) -> None:
+  """Raises unless ``value`` is an integer (not a bool) >= ``minimum``."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise UnlearningInputError(f"{field}={value!r} must be an integer >= {minimum}")
+
+
+def resolve_batch_size(field: str, batch_size: int, config: ml_collections.ConfigDict,
+                       num_devices: int) -> int:
+  """``batch_size`` (0 = the recipe's ``config.batch_size``), checked against the device count."""
+  check_count(field, batch_size)
+  resolved = batch_size or config.batch_size
+  if resolved <= 0 or resolved % num_devices:
+    source = field if batch_size else f"{field}=0 -> config.batch_size"
+    raise UnlearningInputError(
+        f"{source}={resolved} must be a positive multiple of the device count ({num_devices})")
+  return int(resolved)
+
+
+# --- the finetuning optimiser: MeGU's, shared by the finetuning-family baselines ----------------
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "constant")
+
+
+def make_optimizer(settings: ml_collections.ConfigDict, total_steps: int
+                   ) -> optax.GradientTransformation:
+  """The finetuning optimiser of θ."""
+  if settings.schedule == "cosine":
+    learning_rate = optax.cosine_decay_schedule(settings.learning_rate, max(1, total_steps))
+  else:
+    learning_rate = optax.constant_schedule(settings.learning_rate)
+  if settings.optimizer == "sgd":
+    opt = optax.sgd(learning_rate, momentum=settings.momentum or None)
+  else:
+    opt = optax.adam(learning_rate)
+  # Clipping guards against a confident original model: a ỹ it finds near-impossible gives a
+  # cross-entropy of ~20 and gradients that momentum SGD turns into NaN within a few steps.
+  max_grad_norm = settings.get("max_grad_norm", 0.0)  # baselines share this optimiser
+  clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm > 0 else optax.identity()
+  return optax.chain(clip, optax.add_decayed_weights(settings.weight_decay), opt)
+
+
+def validate_training_settings(name: str, settings: ml_collections.ConfigDict) -> None:
+  """Checks the optimiser fields every finetuning-family method has (batch size: separately)."""
+  f = lambda field: f"config.{name}.{field}"
+  check_choice(f("optimizer"), settings.optimizer, OPTIMIZERS)
+  check_choice(f("schedule"), settings.schedule, SCHEDULES)
+  check_positive(f("epochs"), settings.epochs)
+  check_positive(f("learning_rate"), settings.learning_rate)
+  check_positive(f("momentum"), settings.momentum, allow_zero=True)
+  check_positive(f("weight_decay"), settings.weight_decay, allow_zero=True)
+
+
+def num_steps(epochs: float, num_examples: int, batch_size: int) -> int:
+  """Steps of ``epochs`` passes over ``num_examples`` in whole batches of ``batch_size`` (>= 1)."""
+  return max(1, math.ceil(epochs * (num_examples // batch_size)))
+
+
 # --- shared by the methods' host loops ---------------------------------------------------------
 
 def row_stream(rng: np.random.Generator, num_rows: int, count: int) -> np.ndarray:
@@ -158,3 +217,53 @@ def run_phase(step_fn, state, batches, key, timings_key, timings):
   state = jax.block_until_ready(state)
   timings[timings_key] = timings.get(timings_key, 0.0) + time.perf_counter() - start
   return state, (None if metrics is None else jax.device_get(metrics))
+
+
+def run_phase_once_compiled(step_fn: Callable, state, batches, key: jax.Array, timings_key: str,
+                            timings: dict, compiled: set, compile_key: Any = None):
+  """``run_phase`` for a step that may have run before: only its first call ever is compile_s.
+
+  ``compiled`` holds the ``compile_key``s (default: the step function itself; add the batch
+  shape when it varies) already called once; a phase that reuses one (a second epoch, a second
+  importance pass) counts its first call as work, not compilation.
+  """
+  compile_key = step_fn if compile_key is None else compile_key
+  if compile_key in compiled:
+    phase = {}
+    state, metrics = run_phase(step_fn, state, batches, key, timings_key, phase)
+    timings[timings_key] = (timings.get(timings_key, 0.0) + phase.get("compile_s", 0.0)
+                            + phase.get(timings_key, 0.0))
+    return state, metrics
+  compiled.add(compile_key)
+  return run_phase(step_fn, state, batches, key, timings_key, timings)
+
+
+def host_copy(tree: Any) -> Any:
+  """Fresh host buffers: steps donate their state, and the caller's ``Trained`` must survive."""
+  return jax.tree.map(np.array, jax.device_get(tree))
+
+
+def seed_from_key(key: jax.Array) -> int:
+  """A host-side NumPy seed drawn from a JAX key (batch orders are host-side, as in train.fit)."""
+  return int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
+
+
+def check_finite(metrics: dict | None, method: str) -> None:
+  if metrics is not None and not np.isfinite(float(metrics["loss"])):
+    raise train.NonFiniteLossError(
+        f"{method}: the last step's loss is {float(metrics['loss'])}; lower "
+        f"config.{method}.learning_rate")
+
+
+# --- the model being unlearned -------------------------------------------------------------------
+def with_params(trained: train.Trained, params: Any) -> train.Trained:
+  """``trained`` with new parameters (BatchNorm statistics and everything else unchanged)."""
+  return train.Trained(config=trained.config, model=trained.model,
+                       state=trained.state.replace(params=params), mean=trained.mean,
+                       std=trained.std)
+
+
+def frozen_logits(model: nn.Module, params: Any, batch_stats: Any, images: jax.Array) -> jax.Array:
+  """Logits ``[B, K]`` with BatchNorm in inference mode (running statistics read, not updated)."""
+  logits, _, _ = train.apply_model(model, params, batch_stats, images, train=False)
+  return logits

@@ -7,31 +7,25 @@ and weight decay 5e-4 (method.md fixes neither) are the original recipe's, lr he
 
 The step is the original model's own supervised step (``train.make_train_step``: BatchNorm in
 training mode, the recipe's augmentation), so finetuning is literally "more of the same training
-on D_r". The helpers here -- reading ``config.<method>`` over a method's defaults, checking the
-shared training fields, and running the supervised step over epochs of a labelled set -- are
-shared by ``random_label`` and ``salun``, which are the same loop on other data and optimisers.
+on D_r". The loop here -- the supervised step over epochs of a labelled set (:func:`train_on`) --
+is shared by ``random_label`` and ``salun``, which are the same loop on other data and optimisers;
+the settings checks and the optimiser (MeGU's) come from :mod:`.base`.
 """
 from __future__ import annotations
-
-import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
-from megu_jax.unlearning.base import method_settings  # noqa: F401  (re-exported)
-from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_choice,
-                                      check_data, check_positive)
-# The finetuning optimiser (sgd|adam, cosine|constant, coupled weight decay) and the phase timer
-# that puts the first call's time into timings["compile_s"] are MeGU's; reused, not twinned.
-from megu_jax.unlearning.megu import OPTIMIZERS, SCHEDULES, make_optimizer
-from megu_jax.unlearning.base import run_phase
+from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data, check_finite,
+                                      host_copy, make_optimizer, method_settings, num_steps,
+                                      resolve_batch_size, run_phase, seed_from_key,
+                                      validate_training_settings)
+
 
 def default_finetune_config() -> ml_collections.ConfigDict:
   """method.md section 3 (SSD benchmark): 5 epochs of SGD, lr 0.02, on the retain set.
@@ -49,60 +43,6 @@ def default_finetune_config() -> ml_collections.ConfigDict:
   c.batch_size = 0          # 0 = config.batch_size
   c.augment = True          # use the recipe's config.augment (crop/flip) on the training images
   return c
-
-
-# --- settings (shared by the finetuning-family baselines) --------------------------------------
-
-
-def check_count(field: str, value, *, minimum: int = 0) -> None:
-  """Raises unless ``value`` is an integer (not a bool) >= ``minimum``."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise UnlearningInputError(f"{field}={value!r} must be an integer >= {minimum}")
-
-
-def resolve_batch_size(field: str, batch_size: int, config: ml_collections.ConfigDict,
-                       num_devices: int) -> int:
-  """``batch_size`` (0 = the recipe's ``config.batch_size``), checked against the device count."""
-  check_count(field, batch_size)
-  resolved = batch_size or config.batch_size
-  if resolved <= 0 or resolved % num_devices:
-    source = field if batch_size else f"{field}=0 -> config.batch_size"
-    raise UnlearningInputError(
-        f"{source}={resolved} must be a positive multiple of the device count ({num_devices})")
-  return int(resolved)
-
-
-def validate_training_settings(name: str, settings: ml_collections.ConfigDict) -> None:
-  """Checks the optimiser fields every finetuning-family method has (batch size: separately)."""
-  f = lambda field: f"config.{name}.{field}"
-  check_choice(f("optimizer"), settings.optimizer, OPTIMIZERS)
-  check_choice(f("schedule"), settings.schedule, SCHEDULES)
-  check_positive(f("epochs"), settings.epochs)
-  check_positive(f("learning_rate"), settings.learning_rate)
-  check_positive(f("momentum"), settings.momentum, allow_zero=True)
-  check_positive(f("weight_decay"), settings.weight_decay, allow_zero=True)
-
-
-def num_steps(epochs: float, num_examples: int, batch_size: int) -> int:
-  """Steps of ``epochs`` passes over ``num_examples`` in whole batches of ``batch_size`` (>= 1)."""
-  return max(1, math.ceil(epochs * (num_examples // batch_size)))
-
-
-def host_copy(tree: Any) -> Any:
-  """Fresh host buffers: steps donate their state, and the caller's ``Trained`` must survive."""
-  return jax.tree.map(np.array, jax.device_get(tree))
-
-
-def seed_from_key(key: jax.Array) -> int:
-  """A host-side NumPy seed drawn from a JAX key (batch orders are host-side, as in train.fit)."""
-  return int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
-
-
-def check_finite(metrics: dict | None, method: str) -> None:
-  if metrics is not None and not np.isfinite(float(metrics["loss"])):
-    raise train.NonFiniteLossError(
-        f"{method}: the last step's loss is {float(metrics['loss'])}; lower "
-        f"config.{method}.learning_rate")
 
 
 # --- the supervised loop on a labelled set -------------------------------------------------------

@@ -46,13 +46,12 @@ from megu_jax import transition as transition_lib
 from megu_jax.oracles import offline as offline_oracles
 from megu_jax.unlearning import register
 from megu_jax.unlearning.base import balanced_subset, method_settings, row_stream, run_phase
-from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_choice,
-                                      check_data, check_positive, num_classes_of)
+from megu_jax.unlearning.base import (OPTIMIZERS, SCHEDULES, UnlearnData, UnlearningInputError,
+                                      check_choice, check_data, check_positive, host_copy,
+                                      make_optimizer, num_classes_of)
 
 NOISE_SCHEDULES = ("before", "alternating")
 NOISE_PER = ("class", "sample", "auto")
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "constant")
 LABEL_GUIDANCE = ("transition", "transition_x_model")
 OFFLINE_ORACLES = ("prototype", "hierarchy", "uniform")
 
@@ -365,24 +364,6 @@ class MeguState:
   batch_stats: Any                 # frozen BatchNorm statistics (see the module docstring)
 
 
-def make_optimizer(settings: ml_collections.ConfigDict, total_steps: int
-                   ) -> optax.GradientTransformation:
-  """The finetuning optimiser of θ."""
-  if settings.schedule == "cosine":
-    learning_rate = optax.cosine_decay_schedule(settings.learning_rate, max(1, total_steps))
-  else:
-    learning_rate = optax.constant_schedule(settings.learning_rate)
-  if settings.optimizer == "sgd":
-    opt = optax.sgd(learning_rate, momentum=settings.momentum or None)
-  else:
-    opt = optax.adam(learning_rate)
-  # Clipping guards against a confident original model: a ỹ it finds near-impossible gives a
-  # cross-entropy of ~20 and gradients that momentum SGD turns into NaN within a few steps.
-  max_grad_norm = settings.get("max_grad_norm", 0.0)  # baselines share this optimiser
-  clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm > 0 else optax.identity()
-  return optax.chain(clip, optax.add_decayed_weights(settings.weight_decay), opt)
-
-
 def noise_optimizers(settings) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
   return optax.adam(settings.negative_learning_rate), optax.adam(settings.positive_learning_rate)
 
@@ -633,7 +614,6 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
                                      num_classes, negative_tx, positive_tx)
   # Host copies: the steps donate their state, and θ and θ₀ must be distinct buffers that are
   # not the caller's (``trained`` stays usable after the call).
-  host_copy = lambda tree: jax.tree.map(np.array, jax.device_get(tree))
   state = MeguState(step=jnp.zeros((), jnp.int32), params=host_copy(trained.state.params),
                     opt_state=tx.init(host_copy(trained.state.params)), noise=noise_state,
                     original_params=host_copy(trained.state.params),

@@ -39,13 +39,10 @@ import optax
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
-from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data,
-                                      check_positive, num_classes_of)
-from megu_jax.unlearning.finetune import (check_finite, host_copy, method_settings, num_steps,
-                                          resolve_batch_size, seed_from_key,
-                                          validate_training_settings)
-from megu_jax.unlearning.megu import make_optimizer
-from megu_jax.unlearning.base import row_stream, run_phase
+from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data, check_finite,
+                                      check_positive, host_copy, make_optimizer, method_settings,
+                                      num_classes_of, num_steps, resolve_batch_size, row_stream,
+                                      run_phase, seed_from_key, validate_training_settings)
 
 
 def default_neggrad_plus_config() -> ml_collections.ConfigDict:

@@ -23,11 +23,10 @@ import numpy as np
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
-from megu_jax.unlearning.base import UnlearnData, check_data, num_classes_of
-from megu_jax.unlearning.finetune import (check_finite, method_settings, num_steps,
-                                          resolve_batch_size, train_on,
-                                          validate_training_settings)
-from megu_jax.unlearning.megu import make_optimizer
+from megu_jax.unlearning.base import (UnlearnData, check_data, check_finite, make_optimizer,
+                                      method_settings, num_classes_of, num_steps,
+                                      resolve_batch_size, validate_training_settings)
+from megu_jax.unlearning.finetune import train_on
 
 
 def default_random_label_config() -> ml_collections.ConfigDict:

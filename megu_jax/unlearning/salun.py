@@ -31,12 +31,11 @@ import optax
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
-from megu_jax.unlearning.base import UnlearnData, UnlearningInputError, check_data, num_classes_of
-from megu_jax.unlearning.finetune import (check_finite, host_copy, method_settings, num_steps,
-                                          resolve_batch_size, train_on,
-                                          validate_training_settings)
-from megu_jax.unlearning.megu import make_optimizer
-from megu_jax.unlearning.base import run_phase
+from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data, check_finite,
+                                      host_copy, make_optimizer, method_settings, num_classes_of,
+                                      num_steps, resolve_batch_size, run_phase,
+                                      validate_training_settings)
+from megu_jax.unlearning.finetune import train_on
 from megu_jax.unlearning.random_label import (default_random_label_config, random_other_labels,
                                               relabelled_union)
 

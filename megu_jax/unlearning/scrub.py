@@ -62,12 +62,11 @@ import optax
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
-from megu_jax.unlearning.bad_teacher import (distillation_kl_per_example, frozen_logits,
-                                             run_phase_once_compiled)
-from megu_jax.unlearning.base import UnlearnData, check_data, check_positive
-from megu_jax.unlearning.finetune import (check_count, check_finite, host_copy, method_settings,
-                                          resolve_batch_size, seed_from_key)
-from megu_jax.unlearning.base import row_stream
+from megu_jax.unlearning.bad_teacher import distillation_kl_per_example
+from megu_jax.unlearning.base import (UnlearnData, check_count, check_data, check_finite,
+                                      check_positive, frozen_logits, host_copy, method_settings,
+                                      resolve_batch_size, row_stream, run_phase_once_compiled,
+                                      seed_from_key)
 
 def default_scrub_config() -> ml_collections.ConfigDict:
   """The SSD benchmark's SCRUB; attach as ``config.scrub`` to change a field."""

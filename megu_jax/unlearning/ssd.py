@@ -29,10 +29,9 @@ import numpy as np
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
-from megu_jax.unlearning.bad_teacher import frozen_logits, run_phase_once_compiled, with_params
-from megu_jax.unlearning.base import UnlearnData, check_data, check_positive
-from megu_jax.unlearning.finetune import (host_copy, method_settings, resolve_batch_size,
-                                          seed_from_key)
+from megu_jax.unlearning.base import (UnlearnData, check_data, check_positive, frozen_logits,
+                                      host_copy, method_settings, resolve_batch_size,
+                                      run_phase_once_compiled, seed_from_key, with_params)
 
 
 def default_ssd_config() -> ml_collections.ConfigDict:

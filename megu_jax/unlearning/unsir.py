@@ -60,12 +60,11 @@ import optax
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
-from megu_jax.unlearning.bad_teacher import frozen_logits, run_phase_once_compiled, with_params
-from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data,
-                                      check_positive)
-from megu_jax.unlearning.finetune import (check_count, check_finite, host_copy, method_settings,
-                                          resolve_batch_size, seed_from_key)
-from megu_jax.unlearning.base import balanced_subset, row_stream, run_phase
+from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, balanced_subset,
+                                      check_count, check_data, check_finite, check_positive,
+                                      frozen_logits, host_copy, method_settings,
+                                      resolve_batch_size, row_stream, run_phase,
+                                      run_phase_once_compiled, seed_from_key, with_params)
 
 
 def default_unsir_config() -> ml_collections.ConfigDict:
