@@ -20,3 +20,51 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="megu-jax-xla-cache-"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# --- the digits task of the baseline tests (test_baselines_*.py) --------------------------------
+# Module scope, as when each test module defined them: every module trains its own original. The
+# imports sit inside the fixtures so that test modules that use none of them do not pay for them.
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+DIGITS_FORGET = "3"  # the class the ``split`` fixture forgets
+
+
+@pytest.fixture(scope="module")
+def digits():
+  from megu_jax import datasets
+  return datasets.load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+  """The 2-epoch digits recipe, trained in memory (no checkpoints: seconds saved).
+
+  A model that knows every class (Dr 93.5, Df 97.3) and, less converged than a long run, shows an
+  unstable method's damage.
+  """
+  from experiments.configs import digits as digits_config
+  from megu_jax import models
+  from megu_jax import train
+  config = digits_config.get_config("quick")
+  model = models.create_model(config.model, digits.num_classes)
+  state, _ = train.fit(config, model, digits.train_images, digits.train_labels,
+                       np.arange(len(digits.train_labels)), mean=digits.mean, std=digits.std,
+                       key=jax.random.key(config.seed))
+  return train.Trained(config=config, model=model, state=state, mean=digits.mean, std=digits.std)
+
+
+@pytest.fixture(scope="module")
+def split(digits):
+  from megu_jax import splits
+  return splits.make_split(digits, "full_class", forget=(DIGITS_FORGET,))
+
+
+@pytest.fixture(scope="module")
+def data(digits, split):
+  """(forget, retain) ``UnlearnData`` of ``split``'s training images."""
+  from megu_jax import unlearning
+  make = lambda rows: unlearning.UnlearnData.from_positions(digits.train_images,
+                                                            digits.train_labels, rows)
+  return make(split.forget_train), make(split.retain_train)

@@ -11,11 +11,8 @@ import optax
 import pytest
 
 from experiments.configs import digits as digits_config
-from megu_jax import datasets
 from megu_jax import metrics
-from megu_jax import models
 from megu_jax import parallel
-from megu_jax import splits
 from megu_jax import train
 from megu_jax import unlearning
 from megu_jax.unlearning import base as base_lib
@@ -23,39 +20,7 @@ from megu_jax.unlearning import neggrad_plus as neggrad_plus_lib
 from megu_jax.unlearning import random_label as random_label_lib
 from megu_jax.unlearning import salun as salun_lib
 
-FORGET = "3"
 METHODS = ("finetune", "neggrad_plus", "random_label", "salun")
-
-
-@pytest.fixture(scope="module")
-def digits():
-  return datasets.load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-  # The 2-epoch digits recipe, in memory (no checkpoints): a model that knows every class
-  # (Dr 93.5, Df 97.3) and, less converged than a long run, shows an unstable method's damage.
-  config = digits_config.get_config("quick")
-  model = models.create_model(config.model, digits.num_classes)
-  state, _ = train.fit(config, model, digits.train_images, digits.train_labels,
-                       np.arange(len(digits.train_labels)), mean=digits.mean, std=digits.std,
-                       key=jax.random.key(config.seed))
-  return train.Trained(config=config, model=model, state=state, mean=digits.mean, std=digits.std)
-
-
-@pytest.fixture(scope="module")
-def split(digits):
-  return splits.make_split(digits, "full_class", forget=(FORGET,))
-
-
-@pytest.fixture(scope="module")
-def data(digits, split):
-  forget = unlearning.UnlearnData.from_positions(digits.train_images, digits.train_labels,
-                                                 split.forget_train)
-  retain = unlearning.UnlearnData.from_positions(digits.train_images, digits.train_labels,
-                                                 split.retain_train)
-  return forget, retain
 
 
 @pytest.fixture(scope="module")

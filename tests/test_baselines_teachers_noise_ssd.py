@@ -12,11 +12,8 @@ import optax
 import pytest
 
 from experiments.configs import digits as digits_config
-from megu_jax import datasets
 from megu_jax import metrics
-from megu_jax import models
 from megu_jax import parallel
-from megu_jax import splits
 from megu_jax import train
 from megu_jax import unlearning
 # Importing the modules registers their methods (until the package imports them itself).
@@ -25,36 +22,8 @@ from megu_jax.unlearning import scrub as scrub_lib
 from megu_jax.unlearning import ssd as ssd_lib
 from megu_jax.unlearning import unsir as unsir_lib
 
-FORGET = "3"
+FORGET = "3"  # the class conftest's ``split`` forgets
 METHODS = ("bad_teacher", "unsir", "ssd", "scrub")
-
-
-@pytest.fixture(scope="module")
-def digits():
-  return datasets.load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-  """The digits original, 2 epochs, trained in memory (no checkpoints: seconds saved)."""
-  config = digits_config.get_config("quick")
-  model = models.create_model(config.model, digits.num_classes)
-  state, _ = train.fit(config, model, digits.train_images, digits.train_labels,
-                       np.arange(len(digits.train_labels)), mean=digits.mean, std=digits.std,
-                       key=jax.random.key(config.seed))
-  return train.Trained(config=config, model=model, state=state, mean=digits.mean, std=digits.std)
-
-
-@pytest.fixture(scope="module")
-def split(digits):
-  return splits.make_split(digits, "full_class", forget=(FORGET,))
-
-
-@pytest.fixture(scope="module")
-def data(digits, split):
-  make = lambda rows: unlearning.UnlearnData.from_positions(digits.train_images,
-                                                            digits.train_labels, rows)
-  return make(split.forget_train), make(split.retain_train)
 
 
 def experiment_config(method: str | None = None, **fields) -> ml_collections.ConfigDict:
