@@ -5,7 +5,6 @@ for the module; the steps are checked on 1 device vs a 2-device mesh and pmap; b
 before any compute.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -107,10 +106,7 @@ def neggrad_plus_batch(forget, retain):
 def run_neggrad_plus_steps(trained, forget, retain, mode, num_devices, num_steps=3,
                            forget_loss_cap=0.0, tx=optax.sgd(0.05, momentum=0.9)):
   dp = parallel.DataParallel(mode, tuple(jax.devices()[:num_devices]))
-  params = base_lib.host_copy(trained.state.params)
-  state = dp.put_replicated(train.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      batch_stats=base_lib.host_copy(trained.state.batch_stats), opt_state=tx.init(params)))
+  state = base_lib.replicated_train_state(trained, tx, dp)
   step = dp.compile_step(neggrad_plus_lib.make_neggrad_plus_step(
       trained.model, tx, mean=trained.mean, std=trained.std, retain_weight=0.8,
       forget_loss_cap=forget_loss_cap))

@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -185,6 +186,21 @@ def validate_training_settings(name: str, settings: ml_collections.ConfigDict) -
   check_positive(f("weight_decay"), settings.weight_decay, allow_zero=True)
 
 
+def finetuning_settings(config: ml_collections.ConfigDict, name: str,
+                        defaults: ml_collections.ConfigDict, num_devices: int
+                        ) -> tuple[ml_collections.ConfigDict, int]:
+  """``config.<name>`` over ``defaults``, optimiser fields checked; and the resolved batch size.
+
+  The set-up every finetuning-family method (``finetune``, ``random_label``, ``salun``,
+  ``neggrad_plus``) starts with; its own fields it checks itself.
+  """
+  settings = method_settings(config, name, defaults)
+  validate_training_settings(name, settings)
+  batch_size = resolve_batch_size(f"config.{name}.batch_size", settings.batch_size, config,
+                                  num_devices)
+  return settings, batch_size
+
+
 def num_steps(epochs: float, num_examples: int, batch_size: int) -> int:
   """Steps of ``epochs`` passes over ``num_examples`` in whole batches of ``batch_size`` (>= 1)."""
   return max(1, math.ceil(epochs * (num_examples // batch_size)))
@@ -241,6 +257,19 @@ def run_phase_once_compiled(step_fn: Callable, state, batches, key: jax.Array, t
 def host_copy(tree: Any) -> Any:
   """Fresh host buffers: steps donate their state, and the caller's ``Trained`` must survive."""
   return jax.tree.map(np.array, jax.device_get(tree))
+
+
+def replicated_train_state(trained: train.Trained, tx: optax.GradientTransformation,
+                           dp: parallel.DataParallel) -> train.TrainState:
+  """A fresh ``train.TrainState`` (step 0, ``tx`` initialised) of ``trained``, on ``dp``'s devices.
+
+  Of host copies, so the steps may donate it while ``trained`` stays usable.
+  """
+  params = host_copy(trained.state.params)
+  return dp.put_replicated(train.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      batch_stats=host_copy(trained.state.batch_stats),
+      opt_state=tx.init(params)))
 
 
 def seed_from_key(key: jax.Array) -> int:

@@ -14,7 +14,6 @@ the settings checks and the optimiser (MeGU's) come from :mod:`.base`.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -22,9 +21,8 @@ from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
 from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data, check_finite,
-                                      host_copy, make_optimizer, method_settings, num_steps,
-                                      resolve_batch_size, run_phase, seed_from_key,
-                                      validate_training_settings)
+                                      finetuning_settings, make_optimizer, num_steps,
+                                      replicated_train_state, run_phase, seed_from_key)
 
 
 def default_finetune_config() -> ml_collections.ConfigDict:
@@ -79,11 +77,7 @@ def train_on(trained: train.Trained, data: UnlearnData, tx: optax.GradientTransf
   step_fn = dp.compile_step(train.make_train_step(
       trained.model, tx, mean=trained.mean, std=trained.std,
       crop_padding=augmentation.get("crop_padding", 0), flip=bool(augmentation.get("flip", False))))
-  params = host_copy(trained.state.params)
-  state = dp.put_replicated(train.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      batch_stats=host_copy(trained.state.batch_stats),
-      opt_state=tx.init(params)))
+  state = replicated_train_state(trained, tx, dp)
   order_key, step_key = jax.random.split(key)
   batches = (dp.put_batch(b) for b in epoch_batches(data, batch_size, steps,
                                                      seed_from_key(order_key)))
@@ -106,10 +100,8 @@ def finetune(trained: train.Trained, forget_data: UnlearnData, retain_data: Unle
   """
   timings = {} if timings is None else timings
   dp = parallel.DataParallel(config.get("parallel", "mesh"))
-  settings = method_settings(config, "finetune", default_finetune_config())
-  validate_training_settings("finetune", settings)
-  batch_size = resolve_batch_size("config.finetune.batch_size", settings.batch_size, config,
-                                  dp.num_devices)
+  settings, batch_size = finetuning_settings(config, "finetune", default_finetune_config(),
+                                             dp.num_devices)
   check_data(trained, forget_data, retain_data, need_forget=False)
   steps = num_steps(settings.epochs, len(retain_data), batch_size)
   unlearned, last_metrics = train_on(

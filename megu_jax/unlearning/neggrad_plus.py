@@ -40,9 +40,9 @@ from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
 from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data, check_finite,
-                                      check_positive, host_copy, make_optimizer, method_settings,
-                                      num_classes_of, num_steps, resolve_batch_size, row_stream,
-                                      run_phase, seed_from_key, validate_training_settings)
+                                      check_positive, finetuning_settings, make_optimizer,
+                                      num_classes_of, num_steps, replicated_train_state,
+                                      row_stream, run_phase, seed_from_key, with_params)
 
 
 def default_neggrad_plus_config() -> ml_collections.ConfigDict:
@@ -134,16 +134,14 @@ def neggrad_plus(trained: train.Trained, forget_data: UnlearnData, retain_data: 
   """
   timings = {} if timings is None else timings
   dp = parallel.DataParallel(config.get("parallel", "mesh"))
-  settings = method_settings(config, "neggrad_plus", default_neggrad_plus_config())
-  validate_training_settings("neggrad_plus", settings)
+  settings, batch_size = finetuning_settings(config, "neggrad_plus",
+                                             default_neggrad_plus_config(), dp.num_devices)
   beta = settings.retain_weight
   if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
     raise UnlearningInputError(
         f"config.neggrad_plus.retain_weight={beta!r} must be in [0, 1] (β of β·CE_r − (1−β)·CE_f)")
   cap = settings.forget_loss_cap
   check_positive("config.neggrad_plus.forget_loss_cap", cap, allow_zero=True)
-  batch_size = resolve_batch_size("config.neggrad_plus.batch_size", settings.batch_size, config,
-                                  dp.num_devices)
   check_data(trained, forget_data, retain_data)
   if len(retain_data) < batch_size:
     raise UnlearningInputError(
@@ -155,11 +153,7 @@ def neggrad_plus(trained: train.Trained, forget_data: UnlearnData, retain_data: 
                                                    std=trained.std, retain_weight=float(beta),
                                                    forget_loss_cap=float(cap) * math.log(
                                                        num_classes_of(trained))))
-  params = host_copy(trained.state.params)
-  state = dp.put_replicated(train.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      batch_stats=host_copy(trained.state.batch_stats),
-      opt_state=tx.init(params)))
+  state = replicated_train_state(trained, tx, dp)
   order_key, step_key = jax.random.split(key)
   rng = np.random.default_rng(seed_from_key(order_key))
   batches = (dp.put_batch(b) for b in paired_batches(rng, forget_data, retain_data, batch_size,
@@ -168,7 +162,4 @@ def neggrad_plus(trained: train.Trained, forget_data: UnlearnData, retain_data: 
   check_finite(last_metrics, "neggrad_plus")
   if diagnostics is not None:
     diagnostics["finetune_metrics"] = last_metrics
-  state = dp.get_replicated(state)
-  return train.Trained(config=trained.config, model=trained.model,
-                       state=trained.state.replace(params=state.params),
-                       mean=trained.mean, std=trained.std)
+  return with_params(trained, dp.get_replicated(state).params)

@@ -23,9 +23,8 @@ import numpy as np
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
-from megu_jax.unlearning.base import (UnlearnData, check_data, check_finite, make_optimizer,
-                                      method_settings, num_classes_of, num_steps,
-                                      resolve_batch_size, validate_training_settings)
+from megu_jax.unlearning.base import (UnlearnData, check_data, check_finite, finetuning_settings,
+                                      make_optimizer, num_classes_of, num_steps)
 from megu_jax.unlearning.finetune import train_on
 
 
@@ -79,6 +78,18 @@ def relabelled_union(forget_data: UnlearnData, retain_data: UnlearnData,
                      indices=np.concatenate([forget_data.indices, retain_data.indices]))
 
 
+def relabelled_training_set(trained: train.Trained, forget_data: UnlearnData,
+                            retain_data: UnlearnData, key: jax.Array,
+                            timings: dict) -> UnlearnData:
+  """D_f, each sample relabelled by :func:`random_other_labels`, then D_r; the time: relabel_s."""
+  start = time.perf_counter()
+  new_labels = random_other_labels(key, forget_data.labels, forget_data.indices,
+                                   num_classes_of(trained))
+  data = relabelled_union(forget_data, retain_data, new_labels)
+  timings["relabel_s"] = time.perf_counter() - start
+  return data
+
+
 @register("random_label")
 def random_label(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnData,
                  config: ml_collections.ConfigDict, key: jax.Array, *,
@@ -89,19 +100,11 @@ def random_label(trained: train.Trained, forget_data: UnlearnData, retain_data: 
   """
   timings = {} if timings is None else timings
   dp = parallel.DataParallel(config.get("parallel", "mesh"))
-  settings = method_settings(config, "random_label", default_random_label_config())
-  validate_training_settings("random_label", settings)
-  batch_size = resolve_batch_size("config.random_label.batch_size", settings.batch_size, config,
-                                  dp.num_devices)
+  settings, batch_size = finetuning_settings(config, "random_label",
+                                             default_random_label_config(), dp.num_devices)
   check_data(trained, forget_data, retain_data)
   label_key, train_key = jax.random.split(key)
-
-  start = time.perf_counter()
-  new_labels = random_other_labels(label_key, forget_data.labels, forget_data.indices,
-                                   num_classes_of(trained))
-  data = relabelled_union(forget_data, retain_data, new_labels)
-  timings["relabel_s"] = time.perf_counter() - start
-
+  data = relabelled_training_set(trained, forget_data, retain_data, label_key, timings)
   steps = num_steps(settings.epochs, len(data), batch_size)
   unlearned, last_metrics = train_on(
       trained, data, make_optimizer(settings, steps), steps=steps, batch_size=batch_size,

@@ -18,7 +18,6 @@ Deviations from the SalUn paper, chosen for a comparable table and stated here:
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, NamedTuple
 
 import flax
@@ -32,12 +31,10 @@ from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
 from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data, check_finite,
-                                      host_copy, make_optimizer, method_settings, num_classes_of,
-                                      num_steps, resolve_batch_size, run_phase,
-                                      validate_training_settings)
+                                      finetuning_settings, host_copy, make_optimizer, num_steps,
+                                      run_phase)
 from megu_jax.unlearning.finetune import train_on
-from megu_jax.unlearning.random_label import (default_random_label_config, random_other_labels,
-                                              relabelled_union)
+from megu_jax.unlearning.random_label import default_random_label_config, relabelled_training_set
 
 
 def default_salun_config() -> ml_collections.ConfigDict:
@@ -170,15 +167,13 @@ def salun(trained: train.Trained, forget_data: UnlearnData, retain_data: Unlearn
   """
   timings = {} if timings is None else timings
   dp = parallel.DataParallel(config.get("parallel", "mesh"))
-  settings = method_settings(config, "salun", default_salun_config())
-  validate_training_settings("salun", settings)
+  settings, batch_size = finetuning_settings(config, "salun", default_salun_config(),
+                                             dp.num_devices)
   fraction = settings.mask_fraction
   if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
       math.isfinite(fraction) and 0 < fraction <= 1):
     raise UnlearningInputError(
         f"config.salun.mask_fraction={fraction!r} must be a fraction in (0, 1]")
-  batch_size = resolve_batch_size("config.salun.batch_size", settings.batch_size, config,
-                                  dp.num_devices)
   check_data(trained, forget_data, retain_data)
   label_key, train_key = jax.random.split(key)
 
@@ -186,12 +181,7 @@ def salun(trained: train.Trained, forget_data: UnlearnData, retain_data: Unlearn
   if diagnostics is not None:
     diagnostics["mask"] = mask
 
-  start = time.perf_counter()
-  new_labels = random_other_labels(label_key, forget_data.labels, forget_data.indices,
-                                   num_classes_of(trained))
-  data = relabelled_union(forget_data, retain_data, new_labels)
-  timings["relabel_s"] = time.perf_counter() - start
-
+  data = relabelled_training_set(trained, forget_data, retain_data, label_key, timings)
   steps = num_steps(settings.epochs, len(data), batch_size)
   tx = optax.chain(make_optimizer(settings, steps), masked_updates(mask))
   unlearned, last_metrics = train_on(
