@@ -6,7 +6,8 @@ For the small CNN on 28x28 (the Fashion-MNIST default) and the narrow ResNet-18 
 128, float32: the project's train step (``train.make_train_step`` compiled by ``DataParallel`` on
 one device, state donated) and its PyTorch twin (``megu_jax.torch_reference``: same layers, same
 initial weights copied from Flax, SGD momentum 0.9, coupled weight decay 5e-4, cosine learning
-rate) in NCHW and channels-last memory order. Each is compiled or warmed up first (JAX's compile
+rate) in NCHW and channels-last memory order; then the whole training loop (``train.fit``) of our
+step, to show what the loop adds. Each is compiled or warmed up first (JAX's compile
 time reported apart), then the two frameworks' timed blocks *alternate*, so that another process
 taking a core slows both alike; the figure is the median block. ``ratio`` is JAX over the faster
 PyTorch variant. PyTorch is optional (``pip install -e '.[bench]'``): without it the JAX figures
@@ -29,6 +30,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Images per step.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed block.")
 _REPETITIONS = flags.DEFINE_integer("repetitions", 7, "Timed blocks per framework and model.")
 _WARMUP = flags.DEFINE_integer("warmup_steps", 3, "Untimed steps after compilation.")
+_FIT_STEPS = flags.DEFINE_integer("fit_steps", 30, "Steps of the whole training loop (train.fit) "
+                                  "to time after the step alone; 0 skips it.")
 _TORCH = flags.DEFINE_bool("torch", True, "Measure the PyTorch twins too (when torch imports).")
 _OUT = flags.DEFINE_string("out", "benchmarks/throughput.json", "Where to write the JSON.")
 
@@ -84,6 +87,10 @@ def measure_model(name: str, torch_reference) -> dict:
     if variant != "jax":
       result[variant] = {"first_step_s": torch_first_step_s[variant],
                          **throughput.summarize_rates(rates[variant])}
+  if _FIT_STEPS.value > 1:
+    # The loop around the step (host batches, keys, the late metrics check), after the rest.
+    result["jax_fit_loop"] = throughput.measure_fit_loop(name, batch_size=batch_size,
+                                                         steps=_FIT_STEPS.value)
   torch_variants = [v for v in runners if v != "jax"]
   if torch_variants:
     best = max(torch_variants, key=lambda v: result[v]["images_per_s"])
@@ -108,6 +115,8 @@ def main(argv):
     results[name] = measure_model(name, torch_reference)
     line = f"{name}: JAX {results[name]['jax']['images_per_s']:.0f} img/s " \
            f"(compile {results[name]['jax']['compile_s']:.1f} s)"
+    if "jax_fit_loop" in results[name]:
+      line += f", whole loop {results[name]['jax_fit_loop']['images_per_s']:.0f} img/s"
     if "torch_best" in results[name]:
       best = results[name]["torch_best"]
       line += (f", PyTorch {results[name][best]['images_per_s']:.0f} img/s ({best}), "

@@ -93,7 +93,7 @@ def create_twin(model_config: dict, image_shape, num_classes: int) -> nn.Module:
   raise ValueError(f"no PyTorch twin of model {model_config['name']!r}")
 
 
-# --- weights from Flax ------------------------------------------------------------------------------
+# --- weights from Flax ---------------------------------------------------------------------------
 def _tensor(array) -> torch.Tensor:
   """A PyTorch copy of a (possibly read-only, device-fetched) array."""
   return torch.tensor(np.asarray(array, np.float32))
@@ -148,7 +148,7 @@ def load_flax_params(twin: nn.Module, params: dict, batch_stats: dict) -> None:
   twin.classifier.bias.copy_(_tensor(params["classifier"]["bias"]))
 
 
-# --- the step ---------------------------------------------------------------------------------------
+# --- the step -------------------------------------------------------------------------------------
 class TorchTrainStep:
   """The PyTorch train step of a twin, over pre-built uint8 batches (NHWC, as JAX gets them).
 

@@ -76,8 +76,9 @@ def from_benchmark(directory: str) -> dict:
         continue  # a half-written or old-format record: the benchmark will redo it
     if "retrain" not in records:
       continue
+    # "original" does nothing (time 0): no cost to report.
     methods = {name: method_cost(record, records["retrain"]) for name, record in records.items()
-               if "time_s" in record}
+               if "time_s" in record and name != "original"}
     if "megu" in methods:
       methods["megu"]["phases"] = megu_phases(methods["megu"])
     cells[os.path.basename(cell_dir)] = methods

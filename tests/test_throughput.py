@@ -125,7 +125,8 @@ def test_bench_throughput_writes_its_json(tmp_path):
   out = tmp_path / "throughput.json"
   done = subprocess.run(
       [sys.executable, "-m", "experiments.bench_throughput", "--models=small_cnn",
-       "--batch_size=8", "--steps=1", "--repetitions=2", "--warmup_steps=0", f"--out={out}"],
+       "--batch_size=8", "--steps=1", "--repetitions=2", "--warmup_steps=0", "--fit_steps=3",
+       f"--out={out}"],
       cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads(out.read_text())
@@ -134,6 +135,7 @@ def test_bench_throughput_writes_its_json(tmp_path):
   cnn = result["results"]["small_cnn"]
   assert cnn["batch_size"] == 8 and cnn["jax"]["compile_s"] > 0
   assert len(cnn["jax"]["images_per_s_blocks"]) == 2 and cnn["jax"]["images_per_s"] > 0
+  assert cnn["jax_fit_loop"]["steps"] == 3 and cnn["jax_fit_loop"]["images_per_s"] > 0
   if result["torch_available"]:
     best = cnn["torch_best"]
     assert cnn["ratio_jax_over_torch"] == pytest.approx(
