@@ -182,6 +182,8 @@ def test_unlearning_cost_from_a_benchmark_workdir(tmp_path):
   assert cost["relative_to_retrain_with_compile"] == pytest.approx(28.0 / 102.0)
   assert cost["phases"]["other_s"] == pytest.approx(2.0)
   assert sum(cost["phases"]["shares"].values()) == pytest.approx(1.0)
+  with_oracle = unlearning_cost.megu_phases(cost, oracle_s=3.0)
+  assert with_oracle["oracle_s"] == 3.0 and "oracle_s" not in with_oracle["shares"]
   assert result["summary"]["megu"]["relative_to_retrain"]["mean"] == pytest.approx(0.3)
   assert result["summary"]["retrain"]["relative_to_retrain"]["mean"] == 1.0
   with pytest.raises(FileNotFoundError, match="retrain.json"):
