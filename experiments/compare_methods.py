@@ -1,0 +1,76 @@
+r"""Side-by-side runs of methods and setting variants against Retrain, on already trained models.
+
+The tool behind the tuning tables in ``default_megu_config`` and the README: each ``--run`` is a
+method name, optionally followed by ``;section.field=value`` overrides, and prints
+one line (Dr, Df, MIA, related, probe, avg gap, time) against Retrain. Trains or resumes the
+original and Retrain models under ``--models_root`` first (a benchmark's ``models/`` is reused).
+
+  python -m experiments.compare_methods --scenario=full_class --forget=Shirt --seed=0 \
+    --models_root=runs/benchmark/models --out=runs/compare.jsonl \
+    --run=megu --run="megu;megu.guidance_temperature=1.0" --run="megu;megu.max_grad_norm=0"
+"""
+import copy
+import dataclasses
+import json
+import os
+
+from absl import flags
+from absl import logging
+from experiments.configs import fashion_mnist
+from megu_jax import cli
+from megu_jax import experiment
+
+_SCENARIO = flags.DEFINE_enum("scenario", "full_class", ["full_class", "sub_class", "random"],
+                              "What kind of forgetting.")
+_FORGET = flags.DEFINE_string("forget", "Shirt", "Class names, or the sample count for random.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the trained models and the split.")
+_MODELS_ROOT = flags.DEFINE_string("models_root", "runs/benchmark/models",
+                                   "Where the original and Retrain models live (or will).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Split and T of this comparison.")
+_OUT = flags.DEFINE_string("out", "runs/compare.jsonl", "Each run's metrics are appended here.")
+_RUNS = flags.DEFINE_multi_string("run", ["megu"], "METHOD[;section.field=value...], repeatable.")
+
+
+def _parse(value: str):
+  for cast in (int, float):
+    try:
+      return cast(value)
+    except ValueError:
+      pass
+  return {"True": True, "False": False}.get(value, value)
+
+
+def main():
+  logging.set_verbosity(logging.WARNING)
+  config = fashion_mnist.get_config()
+  config.progress = False
+  config.scenario, config.seed = _SCENARIO.value, _SEED.value
+  if config.scenario == "random":
+    config.forget_size = int(_FORGET.value)
+  else:
+    config.forget = _FORGET.value
+  setting = experiment.prepare(config, _WORKDIR.value, models_root=_MODELS_ROOT.value)
+  reference, _ = experiment.run_method(setting, "retrain")
+  for run in _RUNS.value:
+    name, *overrides = run.split(";")
+    method_config = copy.deepcopy(setting.method_config)
+    for override in overrides:
+      path, value = override.split("=", 1)
+      section, field = path.split(".")
+      method_config[section][field] = _parse(value)
+    result, _ = experiment.run_method(
+        dataclasses.replace(setting, method_config=method_config), name)
+    experiment.add_avg_gaps({"retrain": reference, name: result})
+    pct = lambda key: 100 * result[key]
+    print(f"{run:60s} Dr {pct('retain_test_acc'):.1f} Df {pct('forget_test_acc'):.1f} "
+          f"MIA {pct('mia_entropy_lr'):.1f} (Retrain {100 * reference['mia_entropy_lr']:.1f}) "
+          f"related {pct('related_test_acc'):.1f} probe {pct('probe_forget_acc'):.1f} "
+          f"gap {pct('avg_gap'):.2f} time {result['time_s']:.1f}s", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "a") as f:
+      f.write(json.dumps({"run": run, "seed": config.seed, "scenario": config.scenario,
+                          **result}) + "\n")
+
+
+if __name__ == "__main__":
+  cli.run(main)
