@@ -68,3 +68,16 @@ def data(digits, split):
   make = lambda rows: unlearning.UnlearnData.from_positions(digits.train_images,
                                                             digits.train_labels, rows)
   return make(split.forget_train), make(split.retain_train)
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+  """Makes any model evaluation, step compilation or device placement fail loudly: bad input
+  must be rejected before any of them."""
+  from megu_jax import parallel, train  # pylint: disable=import-outside-toplevel
+
+  def forbidden(*args, **kwargs):
+    raise AssertionError("compute started before the input was validated")
+  monkeypatch.setattr(train, "predict", forbidden)
+  monkeypatch.setattr(parallel.DataParallel, "compile_step", forbidden)
+  monkeypatch.setattr(parallel.DataParallel, "put_replicated", forbidden)

@@ -286,14 +286,6 @@ def test_scrub_student_normalises_with_batch_statistics(trained, data, update_ba
 
 
 # --- bad input ------------------------------------------------------------------------------------
-@pytest.fixture
-def no_compute(monkeypatch):
-  """Makes any model evaluation or step compilation fail loudly."""
-  def forbidden(*args, **kwargs):
-    raise AssertionError("compute started before the input was validated")
-  monkeypatch.setattr(train, "predict", forbidden)
-  monkeypatch.setattr(parallel.DataParallel, "compile_step", forbidden)
-  monkeypatch.setattr(parallel.DataParallel, "put_replicated", forbidden)
 
 
 @pytest.mark.parametrize("method,fields,pattern", [

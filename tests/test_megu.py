@@ -181,15 +181,6 @@ def test_unknown_method_name_lists_the_registered_ones():
     unlearning.get_method("mgeu")
 
 
-@pytest.fixture
-def no_compute(monkeypatch):
-  """Makes any model evaluation or step compilation fail loudly."""
-  def forbidden(*args, **kwargs):
-    raise AssertionError("compute started before the input was validated")
-  monkeypatch.setattr(train, "predict", forbidden)
-  monkeypatch.setattr(parallel.DataParallel, "compile_step", forbidden)
-
-
 def test_a_transition_matrix_of_the_wrong_size_fails_before_any_compute(
     tmp_path, digits, trained, split, no_compute):
   forget, retain = unlearn_data(digits, split)
