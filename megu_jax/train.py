@@ -225,11 +225,20 @@ def local_batch(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> 
 
 
 def predict(trained: Trained, images: np.ndarray, batch_size: int = 1000,
-            dp: parallel.DataParallel | None = None) -> dict[str, np.ndarray]:
-  """Logits ``[N, K]`` and penultimate features ``[N, D]`` of uint8 ``images`` ``[N, H, W, C]``."""
+            dp: parallel.DataParallel | None = None,
+            timings: dict | None = None) -> dict[str, np.ndarray]:
+  """Logits ``[N, K]`` and penultimate features ``[N, D]`` of uint8 ``images`` ``[N, H, W, C]``.
+
+  ``timings`` (if given): when this call compiles the forward pass (the first for this model and
+  batch shape in the process), its first batch's time goes to ``timings["compile_s"]``, as
+  ``unlearning.base.run_phase`` counts a step's first call.
+  """
   dp = dp or parallel.DataParallel(trained.config.get("parallel", "mesh"))
   batch_size = max(dp.num_devices, batch_size - batch_size % dp.num_devices)
+  shape_key = (batch_size,) + tuple(np.shape(images)[1:])
   eval_fn = _compiled_eval(trained.model, trained.mean, trained.std, dp)
+  seen_shapes = _EVAL_SHAPES.setdefault(eval_fn, set())
+  compiles = timings is not None and shape_key not in seen_shapes
   state = dp.put_replicated(trained.state)
   outputs = {"logits": [], "features": []}
   n = len(images)
@@ -241,13 +250,19 @@ def predict(trained: Trained, images: np.ndarray, batch_size: int = 1000,
                                               chunk.dtype)])
     batch = {"image": chunk, "label": np.zeros(batch_size, np.int32),
              "index": np.arange(batch_size, dtype=np.int32)}
+    first_start = time.perf_counter()
     out = eval_fn(state, dp.put_batch(batch))
     for k in outputs:
       outputs[k].append(np.asarray(out[k])[:valid])
+    if compiles:
+      timings["compile_s"] = timings.get("compile_s", 0.0) + time.perf_counter() - first_start
+      compiles = False
+    seen_shapes.add(shape_key)
   return {k: (np.concatenate(v) if v else np.zeros((0,))) for k, v in outputs.items()}
 
 
 _EVAL_CACHE: dict = {}
+_EVAL_SHAPES: dict = {}  # eval function -> the batch shapes it has compiled for
 
 
 def _compiled_eval(model, mean, std, dp):
@@ -345,6 +360,7 @@ def fit(config: ml_collections.ConfigDict, model: nn.Module, images: np.ndarray,
       start_step, host_state, meta = restored
       state = jax.tree.map(jnp.asarray, host_state)
       elapsed_s = float(meta.get("elapsed_s", 0.0))
+  resumed_elapsed_s = elapsed_s
   log = MetricsLog(os.path.join(workdir, "metrics.jsonl") if workdir else None,
                    keep_up_to_step=start_step)
 
@@ -377,7 +393,8 @@ def fit(config: ml_collections.ConfigDict, model: nn.Module, images: np.ndarray,
       jax.block_until_ready(metrics)
       compile_s = time.perf_counter() - last_time
       last_time = window_start = time.perf_counter()
-    window_images += config.batch_size
+    else:  # the logged rate, too, counts only the images of the steps its clock saw
+      window_images += config.batch_size
     if pending is not None and _log_step(pending, log, bar, config, ckpt, window_start,
                                          window_images):
       window_start, window_images = time.perf_counter(), 0
@@ -413,9 +430,12 @@ def fit(config: ml_collections.ConfigDict, model: nn.Module, images: np.ndarray,
   final_state = dp.get_replicated(state)
   if ckpt is None:  # a checkpointed run checked its final state before saving it
     check_finite_state(jax.device_get(final_state), total_steps)
+  # The rate of this process's timed steps: elapsed_s also holds earlier runs' time (resumed)
+  # and the clock starts after the first, compiling step.
+  timed_steps = max(total_steps - start_step - 1, 0)
   return final_state, {
       "time_s": elapsed_s, "compile_s": compile_s, "steps": total_steps,
-      "images_per_s": (total_steps - start_step) * config.batch_size / max(elapsed_s, 1e-9)}
+      "images_per_s": timed_steps * config.batch_size / max(elapsed_s - resumed_elapsed_s, 1e-9)}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -160,6 +160,19 @@ def test_perturbing_labels_are_fixed_per_sample_and_never_the_own_class():
   assert np.mean(guided == (labels + 2) % 5) > 0.95
 
 
+def test_label_draw_counts_its_compilation_once_per_shape():
+  T = transition.scores_to_transition(np.random.default_rng(1).uniform(0, 10, (4, 4)))
+  labels = np.array([0, 1, 2, 3] * 9 + [0], np.int32)  # 37 samples: a shape no other test uses
+  indices = np.arange(37, dtype=np.int32)
+  first, again = {}, {}
+  drawn = megu_lib.draw_perturbing_labels(jax.random.key(0), T, labels, indices, timings=first)
+  redrawn = megu_lib.draw_perturbing_labels(jax.random.key(0), T, labels, indices, timings=again)
+  assert first["compile_s"] > 0 and "compile_s" not in again
+  np.testing.assert_array_equal(drawn, redrawn)
+  with pytest.raises(ValueError, match="'best'"):
+    megu_lib.draw_perturbing_labels(jax.random.key(0), T, labels, indices, mode="best")
+
+
 def test_original_is_the_identity_and_retrain_starts_from_scratch(digits, trained, split):
   forget, retain = unlearn_data(digits, split)
   config = digits_config.get_config("quick")
