@@ -90,6 +90,8 @@ def test_training_loop_compiles_nothing_after_its_first_step():
                         np.arange(len(dataset.train_labels)), mean=dataset.mean,
                         std=dataset.std, key=jax.random.key(0), dp=dp)
   assert counter.steps_called == info["steps"] == 2 * (len(dataset.train_labels) // 64)
+  # The rate counts the steps the clock saw: all but the first, compiling one.
+  assert info["images_per_s"] == pytest.approx((info["steps"] - 1) * 64 / info["time_s"])
   assert any("train_step" in message for _, message in counter.compiles)
   late = [(steps, message) for steps, message in counter.compiles if steps >= 1]
   assert not late, f"compiled after the first step: {late}"

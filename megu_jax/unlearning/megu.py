@@ -626,7 +626,8 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
 
   ``timings`` (if given) receives, in seconds, ``transition_s`` (features, T, perturbing labels),
   ``noise_s`` (the noise phase), ``finetune_s`` and ``compile_s`` (first call of each compiled
-  step, of the guidance pass's forward and of the label draw, when this process compiles them). ``diagnostics`` (if given) receives ``transition`` (T), ``perturbing_labels`` and the last
+  step, of the guidance pass's forward and of the label draw, when this process compiles them).
+  ``diagnostics`` (if given) receives ``transition`` (T), ``perturbing_labels`` and the last
   ``noise_metrics`` / ``finetune_metrics``.
   """
   timings = {} if timings is None else timings
