@@ -102,6 +102,8 @@ class Dataset:
     test_subclasses: int32 [M], or None.
     subclass_names: names of the sub-classes, or None.
     flip_ok: whether a horizontal flip preserves the label (False for digits).
+
+  The grouping fields default to None (no grouping above or below the task classes).
   """
 
   name: str
@@ -110,12 +112,12 @@ class Dataset:
   test_images: np.ndarray
   test_labels: np.ndarray
   class_names: tuple[str, ...]
-  superclass_of: np.ndarray | None
-  superclass_names: tuple[str, ...] | None
-  train_subclasses: np.ndarray | None
-  test_subclasses: np.ndarray | None
-  subclass_names: tuple[str, ...] | None
-  flip_ok: bool
+  superclass_of: np.ndarray | None = None
+  superclass_names: tuple[str, ...] | None = None
+  train_subclasses: np.ndarray | None = None
+  test_subclasses: np.ndarray | None = None
+  subclass_names: tuple[str, ...] | None = None
+  flip_ok: bool = True
 
   def __post_init__(self):
     # Cheap O(N) checks: a mislabelled or mis-shaped data set would otherwise surface as a
@@ -419,10 +421,6 @@ def _load_fashion_mnist(data_dir) -> Dataset:
       class_names=FASHION_MNIST_CLASS_NAMES,
       superclass_of=np.asarray(FASHION_MNIST_GROUP_OF, np.int32),
       superclass_names=FASHION_MNIST_GROUP_NAMES,
-      train_subclasses=None,
-      test_subclasses=None,
-      subclass_names=None,
-      flip_ok=True,
   )
 
 
@@ -445,11 +443,6 @@ def _load_digits(data_dir) -> Dataset:
       test_images=np.ascontiguousarray(test_images),
       test_labels=test_labels,
       class_names=tuple(str(d) for d in range(10)),
-      superclass_of=None,
-      superclass_names=None,
-      train_subclasses=None,
-      test_subclasses=None,
-      subclass_names=None,
       flip_ok=False,  # a mirrored 2, 3, 4, 5, 7 or 9 is not that digit
   )
 
@@ -502,12 +495,6 @@ def _load_cifar10(data_dir) -> Dataset:
       test_images=test_images,
       test_labels=test_labels,
       class_names=CIFAR10_CLASS_NAMES,
-      superclass_of=None,
-      superclass_names=None,
-      train_subclasses=None,
-      test_subclasses=None,
-      subclass_names=None,
-      flip_ok=True,
   )
 
 
@@ -557,8 +544,4 @@ def _load_cifar100(data_dir) -> Dataset:
       class_names=CIFAR100_CLASS_NAMES,
       superclass_of=superclass_of,
       superclass_names=CIFAR20_CLASS_NAMES,
-      train_subclasses=None,
-      test_subclasses=None,
-      subclass_names=None,
-      flip_ok=True,
   )
