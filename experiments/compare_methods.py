@@ -1,9 +1,10 @@
 r"""Side-by-side runs of methods and setting variants against Retrain, on already trained models.
 
 The tool behind the tuning tables in ``default_megu_config`` and the README: each ``--run`` is a
-method name, optionally followed by ``;section.field=value`` overrides, and prints
-one line (Dr, Df, MIA, related, probe, avg gap, time) against Retrain. Trains or resumes the
-original and Retrain models under ``--models_root`` first (a benchmark's ``models/`` is reused).
+method name, optionally followed by ``;section.field=value`` overrides (``section.sub.field``
+inside a nested section), and prints its Dr, Df, MIA, related, probe, avg gap and time against
+Retrain. Trains or resumes the original and Retrain models under ``--models_root`` first (a
+benchmark's ``models/`` is reused).
 
   python -m experiments.compare_methods --scenario=full_class --forget=Shirt --seed=0 \
     --models_root=runs/benchmark/models --out=runs/compare.jsonl \
@@ -56,13 +57,16 @@ def main():
     method_config = copy.deepcopy(setting.method_config)
     for override in overrides:
       path, value = override.split("=", 1)
-      section, field = path.split(".")
-      method_config[section][field] = _parse(value)
+      *sections, field = path.split(".")  # e.g. megu.random_scenario.learning_rate
+      target = method_config
+      for section in sections:
+        target = target[section]
+      target[field] = _parse(value)
     result, _ = experiment.run_method(
         dataclasses.replace(setting, method_config=method_config), name)
     experiment.add_avg_gaps({"retrain": reference, name: result})
     pct = lambda key: 100 * result[key]
-    print(f"{run:60s} Dr {pct('retain_test_acc'):.1f} Df {pct('forget_test_acc'):.1f} "
+    print(f"{run:60s}\n  Dr {pct('retain_test_acc'):.1f} Df {pct('forget_test_acc'):.1f} "
           f"MIA {pct('mia_entropy_lr'):.1f} (Retrain {100 * reference['mia_entropy_lr']:.1f}) "
           f"related {pct('related_test_acc'):.1f} probe {pct('probe_forget_acc'):.1f} "
           f"gap {pct('avg_gap'):.2f} time {result['time_s']:.1f}s", flush=True)

@@ -5,7 +5,9 @@ Every model is a sequence of named stages. ``model.apply(variables, images, trai
 the penultimate vector) to its output. ``from_activation=NAME`` starts the network *after* stage
 NAME, taking that stage's output as input: this is how a train step transforms an activation (the
 MeGU noise pair) and runs the rest of the network on the result, without hiding anything inside the
-module. ``model.apply(variables, features, method="head")`` is the classifier head alone.
+module. ``until=NAME`` stops after stage NAME (logits ``None``): the frozen prefix of a network
+whose later stages alone are trained. ``model.apply(variables, features, method="head")`` is the
+classifier head alone.
 
 Images are float32 ``[batch, height, width, channels]``, already normalised.
 """
@@ -22,9 +24,19 @@ MODEL_NAMES = ("small_cnn", "resnet18", "vit")
 
 
 def _run_stages(stages: Sequence[tuple[str, Callable[[Array], Array]]], x: Array,
-                from_activation: str | None) -> tuple[Array, dict[str, Array]]:
-  """Runs ``stages`` (the last one must be ``"logits"``) from just after ``from_activation``."""
+                from_activation: str | None, until: str | None = None
+                ) -> tuple[Array | None, dict[str, Array]]:
+  """Runs ``stages`` (the last one must be ``"logits"``) from just after ``from_activation``.
+
+  With ``until``, stops after that stage and returns ``(None, activations)``: a frozen prefix of
+  the network computed without running (or differentiating) the rest.
+  """
   names = [name for name, _ in stages]
+  if until is not None:
+    if until not in names[:-1]:
+      raise ValueError(f"until={until!r} is not an activation of this model; "
+                       f"valid names: {names[:-1]}")
+    stages = stages[:names.index(until) + 1]
   if from_activation is None:
     start = 0
   elif from_activation in names[:-1]:
@@ -37,7 +49,7 @@ def _run_stages(stages: Sequence[tuple[str, Callable[[Array], Array]]], x: Array
   for name, stage in stages[start:]:
     x = stage(x)
     activations[name] = x
-  logits = activations.pop("logits")
+  logits = activations.pop("logits", None)
   return logits, activations
 
 
@@ -79,14 +91,15 @@ class SmallCNN(nn.Module):
     x = self.norms[i](x, use_running_average=not train)
     return max_pool_2x2(nn.relu(x))
 
-  def __call__(self, x: Array, train: bool = False, from_activation: str | None = None):
+  def __call__(self, x: Array, train: bool = False, from_activation: str | None = None,
+               until: str | None = None):
     stages = [(f"block{i + 1}", lambda x, i=i: self._block(i, x, train))
               for i in range(len(self.widths))]
     stages += [
         ("features", lambda x: nn.relu(self.feature_layer(x.reshape(x.shape[0], -1)))),
         ("logits", self.classifier),
     ]
-    return _run_stages(stages, x, from_activation)
+    return _run_stages(stages, x, from_activation, until)
 
   def head(self, features: Array) -> Array:
     """``[batch, feature_dim] -> [batch, num_classes]``."""
@@ -142,12 +155,13 @@ class ResNet18(nn.Module):
       x = block(x, train)
     return x
 
-  def __call__(self, x: Array, train: bool = False, from_activation: str | None = None):
+  def __call__(self, x: Array, train: bool = False, from_activation: str | None = None,
+               until: str | None = None):
     stages = [("stem", lambda x: nn.relu(
         self.stem_bn(self.stem_conv(x), use_running_average=not train)))]
     stages += [(f"layer{i + 1}", lambda x, i=i: self._layer(i, x, train)) for i in range(4)]
     stages += [("features", lambda x: jnp.mean(x, axis=(1, 2))), ("logits", self.classifier)]
-    return _run_stages(stages, x, from_activation)
+    return _run_stages(stages, x, from_activation, until)
 
   def head(self, features: Array) -> Array:
     return self.classifier(features)
@@ -205,13 +219,14 @@ class ViT(nn.Module):
     self.final_norm = nn.LayerNorm(name="final_norm")
     self.classifier = nn.Dense(self.num_classes, name="classifier")
 
-  def __call__(self, x: Array, train: bool = False, from_activation: str | None = None):
+  def __call__(self, x: Array, train: bool = False, from_activation: str | None = None,
+               until: str | None = None):
     del train  # no dropout or BatchNorm
     stages = [("embed", self.patch_embed)]
     stages += [(f"block{i + 1}", block) for i, block in enumerate(self.blocks)]
     stages += [("features", lambda x: self.final_norm(jnp.mean(x, axis=1))),
                ("logits", self.classifier)]
-    return _run_stages(stages, x, from_activation)
+    return _run_stages(stages, x, from_activation, until)
 
   def head(self, features: Array) -> Array:
     return self.classifier(features)

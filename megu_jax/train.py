@@ -195,17 +195,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, mean,
   return factory
 
 
-def make_eval_step(model: nn.Module, *, mean, std) -> parallel.StepFactory:
-  """``eval_step(state, batch) -> {"logits": [batch, K], "features": [batch, D]}``."""
+def make_eval_step(model: nn.Module, *, mean, std,
+                   activations: tuple[str, ...] = ()) -> parallel.StepFactory:
+  """``eval_step(state, batch) -> {"logits": [batch, K], "features": [batch, D], ...}``.
+
+  ``activations``: further intermediate activations to return, by name.
+  """
 
   def factory(axis_name: str | None):
     del axis_name  # evaluation is per example: nothing to reduce across devices
 
     def eval_step(state: TrainState, batch: dict):
       images = prepare_images(batch, None, mean, std)
-      logits, activations, _ = apply_model(model, state.params, state.batch_stats, images,
-                                           train=False)
-      return {"logits": logits, "features": activations["features"]}
+      logits, outputs, _ = apply_model(model, state.params, state.batch_stats, images,
+                                        train=False)
+      return {"logits": logits, "features": outputs["features"],
+              **{name: outputs[name] for name in activations}}
     return eval_step
   return factory
 
@@ -226,8 +231,11 @@ def local_batch(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> 
 
 def predict(trained: Trained, images: np.ndarray, batch_size: int = 1000,
             dp: parallel.DataParallel | None = None,
-            timings: dict | None = None) -> dict[str, np.ndarray]:
+            timings: dict | None = None,
+            activations: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
   """Logits ``[N, K]`` and penultimate features ``[N, D]`` of uint8 ``images`` ``[N, H, W, C]``.
+
+  ``activations``: names of further intermediate activations to return (``[N, ...]`` each).
 
   ``timings`` (if given): when this call compiles the forward pass (the first for this model and
   batch shape in the process), its first batch's time goes to ``timings["compile_s"]``, as
@@ -236,11 +244,12 @@ def predict(trained: Trained, images: np.ndarray, batch_size: int = 1000,
   dp = dp or parallel.DataParallel(trained.config.get("parallel", "mesh"))
   batch_size = max(dp.num_devices, batch_size - batch_size % dp.num_devices)
   shape_key = (batch_size,) + tuple(np.shape(images)[1:])
-  eval_fn = _compiled_eval(trained.model, trained.mean, trained.std, dp)
+  activations = tuple(activations)
+  eval_fn = _compiled_eval(trained.model, trained.mean, trained.std, dp, activations)
   seen_shapes = _EVAL_SHAPES.setdefault(eval_fn, set())
   compiles = timings is not None and shape_key not in seen_shapes
   state = dp.put_replicated(trained.state)
-  outputs = {"logits": [], "features": []}
+  outputs = {name: [] for name in ("logits", "features") + activations}
   n = len(images)
   for start in range(0, n, batch_size):
     chunk = images[start:start + batch_size]
@@ -265,10 +274,12 @@ _EVAL_CACHE: dict = {}
 _EVAL_SHAPES: dict = {}  # eval function -> the batch shapes it has compiled for
 
 
-def _compiled_eval(model, mean, std, dp):
-  key = (model, tuple(np.asarray(mean).tolist()), tuple(np.asarray(std).tolist()), dp)
+def _compiled_eval(model, mean, std, dp, activations=()):
+  key = (model, tuple(np.asarray(mean).tolist()), tuple(np.asarray(std).tolist()), dp,
+         activations)
   if key not in _EVAL_CACHE:
-    _EVAL_CACHE[key] = dp.compile_eval(make_eval_step(model, mean=mean, std=std))
+    _EVAL_CACHE[key] = dp.compile_eval(make_eval_step(model, mean=mean, std=std,
+                                                      activations=activations))
   return _EVAL_CACHE[key]
 
 

@@ -139,6 +139,78 @@ def test_unlearning_steps_on_mesh_and_pmap_equal_one_device(digits, trained, spl
       np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5, err_msg=mode)
 
 
+def test_frozen_stages_keep_the_original_weights_and_the_rest_unlearns(digits, trained, split):
+  forget, retain = unlearn_data(digits, split)
+  timings = {}
+  unlearned = megu_lib.megu(trained, forget, retain,
+                            experiment_config(freeze_through="block2", max_grad_norm=0.0),
+                            jax.random.key(0), timings=timings)
+  before, after = trained.state.params, unlearned.state.params
+  for frozen in ("conv1", "bn1", "conv2", "bn2"):
+    for a, b in zip(jax.tree.leaves(before[frozen]), jax.tree.leaves(after[frozen])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=frozen)
+  for trained_layer in ("conv3", "feature_layer", "classifier"):
+    assert not np.allclose(before[trained_layer]["kernel"], after[trained_layer]["kernel"]), (
+        trained_layer)
+  logits = train.predict(unlearned, digits.test_images)["logits"]
+  assert metrics.accuracy(logits[split.forget_test], digits.test_labels[split.forget_test]) < 0.15
+  assert metrics.accuracy(logits[split.retain_test], digits.test_labels[split.retain_test]) > 0.85
+
+
+def test_a_precomputed_frozen_prefix_gives_the_step_computed_one(digits, trained, split):
+  forget, _ = unlearn_data(digits, split)
+  settings = megu_lib.default_megu_config()
+  settings.update(freeze_through="block2", max_grad_norm=0.0)
+  model, tx = trained.model, base_lib.make_optimizer(settings, 1)
+  dp = parallel.DataParallel("mesh", tuple(jax.devices()[:1]))
+  step = dp.compile_step(megu_lib.make_finetune_step(
+      model, tx, settings, mean=trained.mean, std=trained.std, per_sample=False,
+      update_noise=False))
+  negative_tx, positive_tx = megu_lib.noise_optimizers(settings)
+  rows = np.arange(16)
+  batch = {"forget_image": forget.images[rows], "forget_label": forget.labels[rows],
+           "forget_perturbing": (forget.labels[rows] + 1).astype(np.int32) % 10,
+           "forget_row": rows.astype(np.int32),
+           "retain_image": forget.images[rows + 16], "retain_label": forget.labels[rows]}
+  prefix = train.predict(trained, forget.images[rows], activations=("block2",))["block2"]
+
+  def one_step(batch):
+    params = jax.tree.map(np.array, jax.device_get(trained.state.params))
+    state = dp.put_replicated(megu_lib.MeguState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        noise=noise_lib.init_noise((32,), 10, 10, negative_tx, positive_tx),
+        original_params=jax.tree.map(np.array, params),
+        batch_stats=jax.tree.map(np.array, jax.device_get(trained.state.batch_stats))))
+    state, step_metrics = step(state, dp.put_batch(batch), jax.random.key(0))
+    return float(step_metrics["loss"]), jax.device_get(dp.get_replicated(state).params)
+
+  loss, params = one_step(batch)
+  precomputed_loss, precomputed_params = one_step({**batch, "forget_prefix": prefix})
+  np.testing.assert_allclose(precomputed_loss, loss, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(precomputed_params)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+  # A distribution target (forget_target="distribution") that is one-hot on ỹ is the label.
+  one_hot = np.eye(10, dtype=np.float32)[batch["forget_perturbing"]]
+  np.testing.assert_allclose(one_step({**batch, "forget_target": one_hot})[0], loss, rtol=1e-5)
+  spread = np.full((16, 10), 0.1, np.float32)
+  assert abs(one_step({**batch, "forget_target": spread})[0] - loss) > 0.1
+
+
+def test_the_guided_distribution_is_the_row_the_labels_are_drawn_from():
+  T = transition.scores_to_transition(np.random.default_rng(2).uniform(0, 10, (5, 5)))
+  labels = np.array([0, 1, 2, 3, 4] * 4, np.int32)
+  logits = np.random.default_rng(3).normal(0, 3, (20, 5)).astype(np.float32)
+  rows = megu_lib.guided_distribution(T, labels, logits, guidance_temperature=0.5)
+  np.testing.assert_allclose(rows.sum(-1), 1.0, rtol=1e-5)
+  assert np.all(rows[np.arange(20), labels] == 0)  # full-class: never the own class
+  expected = T[labels] * np.exp(jax.nn.log_softmax(logits / 0.5))
+  np.testing.assert_allclose(rows, expected / expected.sum(-1, keepdims=True), rtol=1e-4)
+  np.testing.assert_array_equal(
+      megu_lib.draw_perturbing_labels(jax.random.key(0), T, labels, np.arange(20),
+                                      mode="argmax", original_logits=logits,
+                                      guidance_temperature=0.5), rows.argmax(-1))
+
+
 def test_perturbing_labels_are_fixed_per_sample_and_never_the_own_class():
   T = transition.scores_to_transition(np.random.default_rng(0).uniform(0, 10, (5, 5)))
   labels = np.array([0, 1, 2, 3, 4] * 20, np.int32)
@@ -218,6 +290,10 @@ def test_a_transition_matrix_of_the_wrong_size_fails_before_any_compute(
     ({"forget_batch_size": 33}, "forget_batch_size=33.*multiple of the device count"),
     ({"learning_rate": -1.0}, "learning_rate=-1.0"),
     ({"top_k": 12}, "top_k=12"),
+    ({"freeze_through": "block9"}, "freeze_through='block9'.*block3"),
+    ({"freeze_through": "features"}, "freeze_through='features' must come before"),
+    ({"freeze_through": "block2", "weight_decay": 1e-4}, "weight_decay=0.0001.*frozen"),
+    ({"forget_target": "soft"}, "forget_target='soft'.*distribution"),
 ])
 def test_bad_settings_fail_before_any_compute(digits, trained, split, no_compute, fields,
                                               pattern):

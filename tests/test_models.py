@@ -40,6 +40,11 @@ def test_logits_activations_and_partial_application(model_config, image_shape, e
     np.testing.assert_allclose(rest_logits, logits, rtol=1e-5, atol=1e-5)
     later = model.activation_names[model.activation_names.index(name) + 1:]
     assert list(rest) == list(later)
+    # Stopping after it computes the prefix alone: its activations, no logits.
+    no_logits, prefix = model.apply(variables, images, train=False, until=name)
+    earlier = model.activation_names[:model.activation_names.index(name) + 1]
+    assert no_logits is None and list(prefix) == list(earlier)
+    np.testing.assert_allclose(prefix[name], activations[name], rtol=1e-6, atol=1e-6)
 
 
 def test_a_transformed_activation_changes_the_output():
@@ -70,6 +75,8 @@ def test_bad_model_config_names_the_value():
     model = models.SmallCNN(num_classes=3)
     variables = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))
     model.apply(variables, jnp.ones((1, 28, 28, 1)), from_activation="nope")
+  with pytest.raises(ValueError, match="until='logits'.*'features'"):
+    model.apply(variables, jnp.ones((1, 28, 28, 1)), until="logits")
 
 
 def test_max_pool_2x2_equals_flax_max_pool_including_odd_sizes():
