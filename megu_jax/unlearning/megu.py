@@ -677,7 +677,8 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
                      rng: np.random.Generator | None = None,
                      dp: parallel.DataParallel | None = None,
                      timings: dict | None = None) -> Guidance:
-  """T, the perturbing labels and the retain rows that MeGU uses, without any finetuning.
+  """What MeGU decides before any finetuning (a :class:`Guidance`): T, the perturbing labels,
+  the retain rows, and what the original model's pass over the forget images left for the steps.
 
   Public so that a report can show (e.g. plot) exactly the T that a run used. ``timings`` (if
   given) receives the ``compile_s`` of the forward pass and of the label draw, when this call
