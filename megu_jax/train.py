@@ -245,8 +245,8 @@ def predict(trained: Trained, images: np.ndarray, batch_size: int = 1000,
   batch_size = max(dp.num_devices, batch_size - batch_size % dp.num_devices)
   shape_key = (batch_size,) + tuple(np.shape(images)[1:])
   activations = tuple(activations)
-  eval_fn = _compiled_eval(trained.model, trained.mean, trained.std, dp, activations)
-  seen_shapes = _EVAL_SHAPES.setdefault(eval_fn, set())
+  eval_fn, seen_shapes = _compiled_eval(trained.model, trained.mean, trained.std, dp,
+                                        activations)
   compiles = timings is not None and shape_key not in seen_shapes
   state = dp.put_replicated(trained.state)
   outputs = {name: [] for name in ("logits", "features") + activations}
@@ -270,16 +270,16 @@ def predict(trained: Trained, images: np.ndarray, batch_size: int = 1000,
   return {k: (np.concatenate(v) if v else np.zeros((0,))) for k, v in outputs.items()}
 
 
+# (model, normalisation, devices, activations) -> (eval function, the batch shapes it compiled for)
 _EVAL_CACHE: dict = {}
-_EVAL_SHAPES: dict = {}  # eval function -> the batch shapes it has compiled for
 
 
 def _compiled_eval(model, mean, std, dp, activations=()):
   key = (model, tuple(np.asarray(mean).tolist()), tuple(np.asarray(std).tolist()), dp,
          activations)
   if key not in _EVAL_CACHE:
-    _EVAL_CACHE[key] = dp.compile_eval(make_eval_step(model, mean=mean, std=std,
-                                                      activations=activations))
+    _EVAL_CACHE[key] = (dp.compile_eval(make_eval_step(model, mean=mean, std=std,
+                                                       activations=activations)), set())
   return _EVAL_CACHE[key]
 
 

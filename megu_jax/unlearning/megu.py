@@ -563,17 +563,19 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
       del key
       start = settings.freeze_through or None
       g, h = _network(model, settings.activation, state.batch_stats, start)
-      forget_images = train.prepare_images({"image": batch["forget_image"]}, None, mean, std)
-      retain_images = train.prepare_images({"image": batch["retain_image"]}, None, mean, std)
-      if start:
-        # The frozen stages are θ₀'s (their gradient is never taken), so their output is the
-        # same for θ and θ₀: computed without a backward pass -- for the forget images once,
-        # by the guidance pass, when it ran.
-        prefix = functools.partial(frozen_prefix, model, state.original_params,
-                                   state.batch_stats, start)
-        forget_images = (batch["forget_prefix"] if "forget_prefix" in batch
-                         else prefix(forget_images))
-        retain_images = prefix(retain_images)
+      # With ``start``, g's input is the output of the frozen stages. They are θ₀'s (their
+      # gradient is never taken), so that output is the same for θ and θ₀ and needs no backward
+      # pass; for the forget images the guidance pass computed it once, and the batch then
+      # carries it instead of the images.
+      prefix = functools.partial(frozen_prefix, model, state.original_params, state.batch_stats,
+                                 start) if start else (lambda images: images)
+      retain_images = prefix(train.prepare_images({"image": batch["retain_image"]}, None, mean,
+                                                  std))
+      if "forget_prefix" in batch:
+        forget_images = batch["forget_prefix"]
+      else:
+        forget_images = prefix(train.prepare_images({"image": batch["forget_image"]}, None, mean,
+                                                    std))
       negative_rows = _noise_rows(batch, per_sample)
       perturbing = batch["forget_perturbing"]
       noise_metrics = {}
@@ -641,14 +643,20 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
 # --- host side: batches ---------------------------------------------------------------------------
 
 
-def _forget_batches(rng, forget_data, perturbing, batch_size, num_steps, per_row=None):
-  """Forget batches; ``per_row`` maps more batch keys to per-forget-sample arrays."""
+def _forget_batches(rng, forget_data, perturbing, batch_size, num_steps, per_row=None, *,
+                    with_images=True):
+  """Forget batches; ``per_row`` maps more batch keys to per-forget-sample arrays.
+
+  ``with_images=False`` leaves the images out, for a step that reads only what ``per_row`` holds
+  (the activations the guidance pass computed): nothing unused is copied to the devices.
+  """
   rows = row_stream(rng, len(forget_data), batch_size * num_steps).reshape(num_steps, batch_size)
   for step_rows in rows:
-    batch = {"forget_image": forget_data.images[step_rows],
-             "forget_label": forget_data.labels[step_rows],
+    batch = {"forget_label": forget_data.labels[step_rows],
              "forget_perturbing": perturbing[step_rows],
              "forget_row": step_rows.astype(np.int32)}
+    if with_images:
+      batch["forget_image"] = forget_data.images[step_rows]
     for name, values in (per_row or {}).items():
       batch[name] = values[step_rows]
     yield batch
@@ -797,7 +805,8 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
                                                  std=trained.std, per_sample=per_sample))
     batches = (dp.put_batch(b) for b in _forget_batches(
         rng, forget_data, perturbing, settings.forget_batch_size, settings.noise_steps,
-        {"forget_original_activation": original_activation} if has_original else None))
+        {"forget_original_activation": original_activation} if has_original else None,
+        with_images=not has_original))
     state, noise_metrics = run_phase(noise_step, state, batches, noise_key, "noise_s", timings)
     if diagnostics is not None:
       diagnostics["noise_metrics"] = noise_metrics
@@ -807,7 +816,7 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
       update_noise=settings.noise != "none" and settings.noise_schedule == "alternating"))
   batches = (dp.put_batch({**f, **r}) for f, r in zip(
       _forget_batches(rng, forget_data, perturbing, settings.forget_batch_size, steps,
-                      finetune_per_row),
+                      finetune_per_row, with_images="forget_prefix" not in finetune_per_row),
       _retain_batches(rng, retain_rows, retain_data, settings.retain_batch_size, steps)))
   state, last_metrics = run_phase(finetune_step, state, batches, finetune_key, "finetune_s",
                                    timings)
