@@ -1,0 +1,128 @@
+"""Is a method close enough to Retrain? The MeGU issue's targets, checked on a benchmark's output.
+
+The targets are margins around Retrain, the model that never saw the forgotten data (method.md
+section 4): Df at most 2 points above Retrain's, Dr at least Retrain's minus 1, the membership
+score (``mia_entropy_lr``) within 5 points of Retrain's, related-class accuracy at least Retrain's
+minus 2, avg gap at most 2 points, and the method's time at most 10 % of Retrain's training time.
+As the issue states them, they hold for the mean over seeds; how many seeds meet every target on
+their own is reported beside it, because a mean can hide one bad seed.
+
+``check_targets(benchmark)`` reads ``benchmark.json``'s content (:mod:`megu_jax.benchmark`);
+``targets_markdown`` renders one row per scenario. ``experiments/check_targets.py`` is the command.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+  """Margins around Retrain, as fractions (0.02 = 2 points)."""
+  forget_above: float = 0.02       # Df ≤ Retrain's + this
+  retain_below: float = 0.01       # Dr ≥ Retrain's − this
+  mia_within: float = 0.05         # |MIA − Retrain's| ≤ this
+  related_below: float = 0.02      # related ≥ Retrain's − this
+  max_avg_gap: float = 0.02        # avg gap ≤ this
+  max_time_fraction: float = 0.10  # time_s ≤ this × Retrain's time_s
+
+
+# Each target: its name in reports, and which metric it reads.
+TARGET_NAMES = ("Df", "Dr", "MIA", "related", "avg gap", "time")
+_METRICS = ("forget_test_acc", "retain_test_acc", "mia_entropy_lr", "related_test_acc",
+            "avg_gap", "time_s")
+
+
+def differences(method: Mapping[str, float], retrain: Mapping[str, float]) -> dict[str, float]:
+  """The method against Retrain on one seed: differences of Df, Dr, MIA, related (method minus
+  Retrain), its avg gap, and its time as a fraction of Retrain's."""
+  missing = [k for k in _METRICS if k not in method or (k != "avg_gap" and k not in retrain)]
+  if missing:
+    raise ValueError(f"metrics {missing} are missing: a benchmark cell needs all of {_METRICS}")
+  retrain_time = float(retrain["time_s"])
+  return {
+      "Df": float(method["forget_test_acc"]) - float(retrain["forget_test_acc"]),
+      "Dr": float(method["retain_test_acc"]) - float(retrain["retain_test_acc"]),
+      "MIA": float(method["mia_entropy_lr"]) - float(retrain["mia_entropy_lr"]),
+      "related": float(method["related_test_acc"]) - float(retrain["related_test_acc"]),
+      "avg gap": float(method["avg_gap"]),
+      "time": float(method["time_s"]) / retrain_time if retrain_time > 0 else float("inf"),
+  }
+
+
+def failed_targets(values: Mapping[str, float], targets: Targets = Targets()) -> list[str]:
+  """The names of the targets ``values`` (as from :func:`differences`) misses, in report order."""
+  met = {
+      "Df": values["Df"] <= targets.forget_above,
+      "Dr": values["Dr"] >= -targets.retain_below,
+      "MIA": abs(values["MIA"]) <= targets.mia_within,
+      "related": values["related"] >= -targets.related_below,
+      "avg gap": values["avg gap"] <= targets.max_avg_gap,
+      "time": values["time"] <= targets.max_time_fraction,
+  }
+  # A tiny tolerance: a margin met exactly (Df +2.0 against 2 points) must not fail on rounding.
+  return [name for name in TARGET_NAMES if not met[name] and not _at_margin(name, values, targets)]
+
+
+def _at_margin(name: str, values: Mapping[str, float], targets: Targets) -> bool:
+  margin = {"Df": targets.forget_above, "Dr": -targets.retain_below, "MIA": targets.mia_within,
+            "related": -targets.related_below, "avg gap": targets.max_avg_gap,
+            "time": targets.max_time_fraction}[name]
+  value = abs(values[name]) if name == "MIA" else values[name]
+  return bool(np.isclose(value, margin, rtol=0.0, atol=1e-9))
+
+
+def check_targets(benchmark: Mapping[str, Any], method: str = "megu",
+                  targets: Targets = Targets()) -> list[dict[str, Any]]:
+  """One row per scenario of ``benchmark``: ``method`` against Retrain, mean over seeds.
+
+  Each row: ``scenario`` (as the benchmark labels it), ``seeds`` (how many have both cells),
+  ``mean`` (name -> mean over those seeds of :func:`differences`), ``failed`` (the targets the
+  mean misses) and ``seeds_meeting_all`` (seeds whose own values meet every target).
+  A scenario without both ``method`` and ``retrain`` cells is left out; if none has them, the
+  benchmark cannot answer and this raises ``ValueError`` naming what it holds.
+  """
+  per_scenario: dict[str, list[dict[str, float]]] = {}
+  for cell in benchmark.get("cells", ()):
+    methods = cell.get("methods", {})
+    if method in methods and "retrain" in methods:
+      label = f"{cell['scenario']} {cell['forget']}"
+      per_scenario.setdefault(label, []).append(differences(methods[method], methods["retrain"]))
+  if not per_scenario:
+    held = sorted({name for cell in benchmark.get("cells", ()) for name in cell.get("methods", {})})
+    raise ValueError(f"no benchmark cell holds both {method!r} and 'retrain' (methods present: "
+                     f"{held}); run the benchmark with both")
+  rows = []
+  for label, runs in per_scenario.items():
+    mean = {name: float(np.mean([run[name] for run in runs])) for name in TARGET_NAMES}
+    rows.append({"scenario": label, "seeds": len(runs), "mean": mean,
+                 "failed": failed_targets(mean, targets),
+                 "seeds_meeting_all": sum(not failed_targets(run, targets) for run in runs)})
+  return rows
+
+
+def targets_markdown(rows: Sequence[Mapping[str, Any]], method: str = "megu",
+                     targets: Targets = Targets()) -> str:
+  """A table: per scenario the mean differences, the targets missed, and seeds meeting all."""
+  points = lambda value: f"{100 * value:+.1f}"
+  lines = [
+      f"# {method} against Retrain: the targets", "",
+      f"Means over seeds, in points (method minus Retrain); time as a share of Retrain's. Targets: "
+      f"Df ≤ +{100 * targets.forget_above:g}, Dr ≥ −{100 * targets.retain_below:g}, "
+      f"|MIA| ≤ {100 * targets.mia_within:g}, related ≥ −{100 * targets.related_below:g}, "
+      f"avg gap ≤ {100 * targets.max_avg_gap:g}, time ≤ {100 * targets.max_time_fraction:g} %.",
+      "", "| scenario | seeds | Df | Dr | MIA | related | avg gap | time | missed (mean) | "
+      "seeds meeting every target |",
+      "|---|---|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    mean = row["mean"]
+    lines.append(
+        f"| {row['scenario']} | {row['seeds']} | {points(mean['Df'])} | {points(mean['Dr'])} | "
+        f"{points(mean['MIA'])} | {points(mean['related'])} | {100 * mean['avg gap']:.1f} | "
+        f"{100 * mean['time']:.1f} % | {', '.join(row['failed']) or 'none'} | "
+        f"{row['seeds_meeting_all']} of {row['seeds']} |")
+  met = sum(not row["failed"] for row in rows)
+  lines += ["", f"Every target met on the mean: {met} of {len(rows)} scenarios."]
+  return "\n".join(lines) + "\n"
