@@ -28,7 +28,7 @@ def test_a_method_equal_to_retrain_meets_every_target():
   rows = targets.check_targets(_benchmark(_method()))
   assert rows == [{"scenario": "full_class Shirt", "seeds": 1, "mean": pytest.approx(
       {"Df": 0.0, "Dr": 0.0, "MIA": 0.0, "related": 0.0, "avg gap": 0.005, "time": 0.02}),
-      "failed": [], "seeds_meeting_all": 1}]
+      "failed": [], "seeds_meeting_all": 1, "retrain_spread": None}]
 
 
 @pytest.mark.parametrize("changes, missed", [
@@ -93,3 +93,13 @@ def test_the_command_writes_the_table_and_rejects_bad_json(tmp_path):
                          f"--benchmark={path}"], capture_output=True, text=True)
   assert done.returncode == 2 and done.stderr.strip().startswith("error:")
   assert "not valid JSON" in done.stderr
+
+
+def test_retrain_spread_is_the_mean_gap_between_its_seeds():
+  benchmark = _benchmark(_method(), _method(), _method())
+  for cell, mia in zip(benchmark["cells"], (0.27, 0.30, 0.36)):
+    cell["methods"]["retrain"] = {**RETRAIN, "mia_entropy_lr": mia}
+  row = targets.check_targets(benchmark)[0]
+  # MIA differs by 3, 9 and 6 points over the three pairs; Dr and Df not at all: (6 / 3) / 100.
+  assert row["retrain_spread"] == pytest.approx(0.02)
+  assert targets.targets_markdown([row]).splitlines()[-3].endswith("| 2.0 |")
