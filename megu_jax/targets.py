@@ -36,7 +36,7 @@ class Targets:
   max_time_fraction: float = 0.10  # time_s ≤ this × Retrain's time_s
 
 
-# Each target: its name in reports, and which metric it reads.
+# The targets' names, in report order; and the metrics a benchmark cell must hold for them.
 TARGET_NAMES = ("Df", "Dr", "MIA", "related", "avg gap", "time")
 _METRICS = ("forget_test_acc", "retain_test_acc", "mia_entropy_lr", "related_test_acc",
             "avg_gap", "time_s")

@@ -100,6 +100,7 @@ def test_retrain_spread_is_the_mean_gap_between_its_seeds():
   for cell, mia in zip(benchmark["cells"], (0.27, 0.30, 0.36)):
     cell["methods"]["retrain"] = {**RETRAIN, "mia_entropy_lr": mia}
   row = targets.check_targets(benchmark)[0]
-  # MIA differs by 3, 9 and 6 points over the three pairs; Dr and Df not at all: (6 / 3) / 100.
+  # MIA differs by 3, 9 and 6 points over the three pairs and Dr, Df not at all, so the pairs'
+  # avg gaps (a third of the MIA difference) are 1, 3 and 2 points: mean 2.
   assert row["retrain_spread"] == pytest.approx(0.02)
   assert targets.targets_markdown([row]).splitlines()[-3].endswith("| 2.0 |")
