@@ -85,25 +85,25 @@ def check_targets(benchmark: Mapping[str, Any], method: str = "megu",
   A scenario without both ``method`` and ``retrain`` cells is left out; if none has them, the
   benchmark cannot answer and this raises ``ValueError`` naming what it holds.
   """
-  per_scenario: dict[str, list[dict[str, float]]] = {}
-  retrains: dict[str, list[Mapping[str, float]]] = {}
+  # Scenario label -> (method's metrics, Retrain's metrics) per seed.
+  pairs: dict[str, list[tuple[Mapping[str, float], Mapping[str, float]]]] = {}
   for cell in benchmark.get("cells", ()):
     methods = cell.get("methods", {})
     if method in methods and "retrain" in methods:
-      label = f"{cell['scenario']} {cell['forget']}"
-      per_scenario.setdefault(label, []).append(differences(methods[method], methods["retrain"]))
-      retrains.setdefault(label, []).append(methods["retrain"])
-  if not per_scenario:
+      pairs.setdefault(f"{cell['scenario']} {cell['forget']}", []).append(
+          (methods[method], methods["retrain"]))
+  if not pairs:
     held = sorted({name for cell in benchmark.get("cells", ()) for name in cell.get("methods", {})})
     raise ValueError(f"no benchmark cell holds both {method!r} and 'retrain' (methods present: "
                      f"{held}); run the benchmark with both")
   rows = []
-  for label, runs in per_scenario.items():
+  for label, seed_pairs in pairs.items():
+    runs = [differences(result, retrain) for result, retrain in seed_pairs]
     mean = {name: float(np.mean([run[name] for run in runs])) for name in TARGET_NAMES}
     rows.append({"scenario": label, "seeds": len(runs), "mean": mean,
                  "failed": failed_targets(mean, targets),
                  "seeds_meeting_all": sum(not failed_targets(run, targets) for run in runs),
-                 "retrain_spread": retrain_spread(retrains[label])})
+                 "retrain_spread": retrain_spread([retrain for _, retrain in seed_pairs])})
   return rows
 
 
