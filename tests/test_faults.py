@@ -129,14 +129,55 @@ def assert_no_secret(directories=(), texts=()):
   return len(paths)
 
 
-def largest_file(directory):
-  return max(files_under(directory), key=lambda p: p.stat().st_size)
+@dataclasses.dataclass(frozen=True)
+class StoredArray:
+  """Where orbax put the bytes of one array chunk: ``length`` bytes at ``offset`` in ``path``."""
+  key: str
+  path: pathlib.Path
+  offset: int
+  length: int
 
 
-def flip_a_bit(path):
+def stored_arrays(checkpoint):
+  """Every array chunk the restore of ``checkpoint`` reads from a data file, largest first.
+
+  Orbax stores the state in an OCDBT database; the B-tree its manifest points to names, for each
+  chunk, a byte range of a data file. The data files also hold bytes nothing reads (each process's
+  own B-tree nodes, which the merged tree replaces), and which file gets what changes from run to
+  run, so damage meant to be noticed must land inside one of these ranges.
+  """
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel  (orbax's storage layer)
+  state = pathlib.Path(checkpoint) / "state"
+  store = ts.KvStore.open(f"file://{state}/").result()
+  found = []
+
+  def visit(location):
+    for entry in ts.ocdbt.dump(store, location).result()["entries"]:
+      for value in entry.values():
+        if isinstance(value, str) and value.startswith("btreenode:"):
+          visit(value)
+      reference = entry.get("indirect_value")
+      if reference:  # "value:<prefix>:<file>:<offset>:<length>"
+        where, offset, length = reference[len("value:"):].rsplit(":", 2)
+        prefix, name = where.split(":", 1)
+        found.append(StoredArray(entry["key"].decode(), state / prefix / name, int(offset),
+                                 int(length)))
+
+  visit(ts.ocdbt.dump(store).result()["versions"][-1]["root"]["location"])
+  assert found, f"no array data found under {state}: has orbax's storage format changed?"
+  return sorted(found, key=lambda a: (-a.length, a.key))
+
+
+def flip_a_bit(path, position=None):
+  """Flips one bit of the file at ``path``: at byte ``position``, or in the middle."""
   data = bytearray(path.read_bytes())
-  data[len(data) // 2] ^= 0x10
+  data[len(data) // 2 if position is None else position] ^= 0x10
   path.write_bytes(bytes(data))
+
+
+def flip_a_bit_of_array(stored):
+  """Flips one bit in the middle of a :class:`StoredArray`'s bytes."""
+  flip_a_bit(stored.path, stored.offset + stored.length // 2)
 
 
 def checkpoint_steps(workdir):
@@ -208,11 +249,11 @@ def test_train_stopped_killed_and_damaged_still_ends_as_the_uninterrupted_run(tm
   assert checkpoint_steps(workdir) == [21, 40]
   assert not (workdir / "final_metrics.json").exists()
 
-  # Then the newest checkpoint is damaged (a flipped bit: orbax either fails to decompress it or
-  # reads it back without complaint, for the SHA-256 to catch), and a save cut short by a kill
-  # left orbax's temporary directory behind. The rerun (the command's library call, in-process)
-  # falls back to step 21.
-  flip_a_bit(largest_file(workdir / "checkpoints" / "40"))
+  # Then the newest checkpoint is damaged (a flipped bit inside the largest array's bytes: orbax
+  # either fails to decompress it or reads it back without complaint, for the SHA-256 to catch),
+  # and a save cut short by a kill left orbax's temporary directory behind. The rerun (the
+  # command's library call, in-process) falls back to step 21.
+  flip_a_bit_of_array(stored_arrays(workdir / "checkpoints" / "40")[0])
   partial = workdir / "checkpoints" / "44.orbax-checkpoint-tmp-1700000000"
   partial.mkdir()
   (partial / "_CHECKPOINT_METADATA").write_text("{")
@@ -293,8 +334,9 @@ def test_benchmark_killed_after_a_method_skips_that_method_on_the_rerun(tmp_path
 
 # --- 2. Damaged files are reported, not trusted ---------------------------------------------------
 def _truncate_largest(checkpoint):
-  data_file = largest_file(checkpoint / "state")
-  os.truncate(data_file, data_file.stat().st_size // 2)
+  # Cut inside the largest array's bytes, so that the restore is certain to miss some of them.
+  largest = stored_arrays(checkpoint)[0]
+  os.truncate(largest.path, largest.offset + largest.length // 2)
 
 
 def _swap_in_the_previous_state(checkpoint):
@@ -325,6 +367,23 @@ def test_a_damaged_final_checkpoint_is_moved_aside_and_its_last_steps_trained_ag
   assert final["test_acc"] == reference.original_final["test_acc"]
   assert same_params(workdir, reference.original_dir)
   del trained
+
+
+def test_a_flipped_bit_in_any_array_the_restore_reads_is_caught(tmp_path, reference):
+  final_step = reference.original_final["steps"]
+  arrays = stored_arrays(reference.original_dir / "checkpoints" / str(final_step))
+  assert {a.key.split("/")[0] for a in arrays} >= {"params.classifier.kernel",
+                                                   "opt_state.1.0.trace.classifier.kernel"}
+  for stored in arrays:
+    workdir = tmp_path / stored.key.replace("/", "_")
+    shutil.copytree(reference.original_dir, workdir)
+    flip_a_bit_of_array(dataclasses.replace(
+        stored, path=workdir / stored.path.relative_to(reference.original_dir)))
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=f"checkpoint {workdir}/checkpoints/{final_step} "
+                             "(cannot be read|is damaged)"):
+      train.restore_trained(str(workdir))
+    shutil.rmtree(workdir)
 
 
 def test_with_every_checkpoint_damaged_training_stops_naming_them(tmp_path, reference):
