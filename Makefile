@@ -31,7 +31,7 @@ data:
 	fi
 
 demo: venv data
-	$(PY) -m experiments.unlearn --config=experiments/configs/fashion_mnist.py --workdir=runs/demo
+	$(PY) -m experiments.unlearn --config=megu_jax/configs/fashion_mnist.py --workdir=runs/demo
 
 test: venv data
 	$(PY) -m pytest -q -n 2 tests

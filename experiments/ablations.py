@@ -1,13 +1,13 @@
 r"""MeGU's ablations against Retrain on one split (see megu_jax/ablations.py).
 
-  python -m experiments.ablations --config=experiments/configs/fashion_mnist.py \
+  python -m experiments.ablations --config=megu_jax/configs/fashion_mnist.py \
       --workdir=runs/ablations [--config.seeds=3] [--gemini=transitions/fashion_mnist_gemini.npy]
 """
 from absl import flags
 from ml_collections import config_flags
 
-from megu_jax import ablations
-from megu_jax import cli
+from megu_jax.harness import ablations
+from megu_jax.harness import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)

@@ -19,6 +19,8 @@ import sys
 from absl import app
 from absl import flags
 
+from megu_jax import xla_cpu
+
 _MODELS = flags.DEFINE_list("models", ["resnet18_narrow", "small_cnn"], "Models to measure.")
 _DEVICES = flags.DEFINE_list("devices", ["1", "2"], "Device counts to measure.")
 _MODES = flags.DEFINE_list("modes", ["mesh", "pmap"], "Parallel paths to measure.")
@@ -35,7 +37,7 @@ def run_worker(spec: str) -> None:
   import jax  # noqa: PLC0415 (after XLA_FLAGS was set by the parent)
 
   from megu_jax import parallel  # noqa: PLC0415
-  from megu_jax import throughput  # noqa: PLC0415
+  from megu_jax.harness import throughput  # noqa: PLC0415
   model, mode, devices = spec.split(",")
   devices = int(devices)
   if jax.device_count() < devices:
@@ -68,7 +70,7 @@ def main(argv):
   if _WORKER.value:
     run_worker(_WORKER.value)
     return
-  from megu_jax import throughput  # noqa: PLC0415
+  from megu_jax.harness import throughput  # noqa: PLC0415
   devices = [int(d) for d in _DEVICES.value]
   configs = [(m, mode, n) for m in _MODELS.value for mode in _MODES.value for n in devices]
   runs: dict[tuple, list[dict]] = {c: [] for c in configs}
@@ -93,4 +95,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  xla_cpu.apply_cpu_defaults()  # before JAX starts its backend
   app.run(main)

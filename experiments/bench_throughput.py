@@ -4,7 +4,7 @@ r"""Training images per second: our jitted train step against the same step in P
 
 For the small CNN on 28x28 (the Fashion-MNIST default) and the narrow ResNet-18 on 32x32, batch
 128, float32: the project's train step (``train.make_train_step`` compiled by ``DataParallel`` on
-one device, state donated) and its PyTorch twin (``megu_jax.torch_reference``: same layers, same
+one device, state donated) and its PyTorch twin (``experiments.torch_reference``: same layers, same
 initial weights copied from Flax, SGD momentum 0.9, coupled weight decay 5e-4, cosine learning
 rate) in NCHW and channels-last memory order; then the whole training loop (``train.fit``) of our
 step, to show what the loop adds. Each is compiled or warmed up first (JAX's compile
@@ -22,7 +22,8 @@ from absl import flags
 
 import numpy as np
 
-from megu_jax import throughput
+from megu_jax import xla_cpu
+from megu_jax.harness import throughput
 
 _MODELS = flags.DEFINE_list("models", list(throughput.MODEL_SETUPS),
                             f"Which of {list(throughput.MODEL_SETUPS)} to measure.")
@@ -38,7 +39,7 @@ _OUT = flags.DEFINE_string("out", "benchmarks/throughput.json", "Where to write 
 
 def _import_torch_reference():
   try:
-    from megu_jax import torch_reference  # noqa: PLC0415 (optional dependency)
+    from experiments import torch_reference  # noqa: PLC0415 (optional dependency)
   except ImportError as error:
     print(f"PyTorch is not installed ({error}); measuring JAX only. Install the benchmark "
           "extra for the comparison: pip install -e '.[bench]' (CPU build: add "
@@ -128,4 +129,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  xla_cpu.apply_cpu_defaults()  # before JAX starts its backend
   app.run(main)

@@ -1,7 +1,7 @@
 r"""What unlearning costs: every method's wall time relative to Retrain, MeGU's time by phase.
 
 Measure it here, every method and Retrain in this one process (minutes: Retrain trains a model):
-  python -m experiments.bench_unlearning --config=experiments/configs/fashion_mnist.py \
+  python -m experiments.bench_unlearning --config=megu_jax/configs/fashion_mnist.py \
       --workdir=runs/bench_unlearning --config.methods=all
 Or derive it from a finished (or partial) benchmark, without running anything:
   python -m experiments.bench_unlearning --from_benchmark=runs/benchmark
@@ -24,8 +24,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from megu_jax import throughput
-from megu_jax import unlearning_cost
+from megu_jax import xla_cpu
+from megu_jax.harness import throughput
+from megu_jax.harness import unlearning_cost
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (run mode).",
                                           lock_config=True)
@@ -60,4 +61,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  xla_cpu.apply_cpu_defaults()  # before JAX starts its backend
   app.run(main)

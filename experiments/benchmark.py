@@ -1,6 +1,6 @@
 r"""The benchmark: every method x scenario x seed, resumable, aggregated into tables and plots.
 
-  python -m experiments.benchmark --config=experiments/configs/fashion_mnist.py \
+  python -m experiments.benchmark --config=megu_jax/configs/fashion_mnist.py \
       --workdir=runs/benchmark --config.methods=all --config.seeds=3
 
 Scenarios come from ``--config.benchmark_scenarios`` (default
@@ -12,8 +12,8 @@ behaviour" lists them.
 from absl import flags
 from ml_collections import config_flags
 
-from megu_jax import benchmark
-from megu_jax import cli
+from megu_jax.harness import benchmark
+from megu_jax.harness import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)

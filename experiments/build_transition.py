@@ -1,4 +1,4 @@
-r"""Builds the transition matrix T offline (method.md section 2, items 1-3) and writes it to disk.
+r"""Builds the transition matrix T (docs/method.md §2, steps 1-2) and writes it to disk.
 
   python -m experiments.build_transition --dataset=fashion_mnist --oracle=gemini \
       --out=transitions/fashion_mnist_gemini.npy
@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 from absl import flags
 import numpy as np
 
-from megu_jax import cli
+from megu_jax.harness import cli
 from megu_jax import io_utils
 from megu_jax import oracles
 from megu_jax import transition
@@ -196,8 +196,9 @@ def _prototype_scores(options: BuildOptions, dataset: Any) -> tuple[np.ndarray, 
         f"the model in {options.workdir} has {outputs['logits'].shape[-1]} classes but "
         f"{dataset.name} has {dataset.num_classes} at this label level; pass the --label_level "
         "the model was trained with")
-  scores = oracles.get_oracle("prototype")(outputs["features"], dataset.train_labels,
-                                           dataset.num_classes)
+  scores = transition.offline_scores("prototype", dataset.num_classes,
+                                     features=outputs["features"],
+                                     feature_labels=dataset.train_labels)
   model_name = trained.config.get("model") if hasattr(trained.config, "get") else None
   return scores, {"model": str(model_name) if model_name is not None else None,
                   "workdir": os.path.abspath(options.workdir)}
@@ -219,9 +220,10 @@ def _similarity_scores(options: BuildOptions, dataset: Any,
   if options.oracle == "prototype":
     return _prototype_scores(options, dataset)
   if options.oracle == "hierarchy":
-    scores = oracles.get_oracle("hierarchy")(dataset.superclass_of)
+    scores = transition.offline_scores("hierarchy", dataset.num_classes,
+                                       superclass_of=dataset.superclass_of)
     return scores, {"superclass_names": list(dataset.superclass_names)}
-  return oracles.get_oracle("uniform")(dataset.num_classes), {}
+  return transition.offline_scores("uniform", dataset.num_classes), {}
 
 
 def _forget_positions(options: BuildOptions, dataset: Any) -> np.ndarray:
@@ -283,7 +285,7 @@ def run(options: BuildOptions, say: Callable[[str], None] = print) -> Optional[n
         "scores": np.asarray(scores).tolist(),
     }
     heatmap_path = transition.provenance_path(options.out)[:-len(".json")] + ".png"
-    from megu_jax import plotting  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
+    from megu_jax.harness import plotting  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
     plotting.plot_transition_heatmap(
         T, dataset.class_names, heatmap_path,
         title=f"{dataset.name}: {options.oracle} oracle, tau={options.temperature:g}"

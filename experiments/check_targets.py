@@ -5,15 +5,15 @@ r"""A method against Retrain on a finished benchmark: which of the MeGU issue's 
 
 Reads ``benchmark.json`` (``experiments.benchmark``), prints one row per scenario (mean over seeds
 of the method minus Retrain, the targets the mean misses, how many seeds meet every target alone)
-and writes it to ``--out`` when given. Margins: ``megu_jax.targets.Targets``.
+and writes it to ``--out`` when given. Margins: ``megu_jax.harness.targets.Targets``.
 """
 import json
 
 from absl import flags
 
-from megu_jax import cli
+from megu_jax.harness import cli
 from megu_jax import io_utils
-from megu_jax import targets
+from megu_jax.harness import targets
 
 _BENCHMARK = flags.DEFINE_string("benchmark", None, "Path to a benchmark.json.")
 _METHOD = flags.DEFINE_string("method", "megu", "The method to check against Retrain.")

@@ -17,9 +17,9 @@ import os
 
 from absl import flags
 from absl import logging
-from experiments.configs import fashion_mnist
-from megu_jax import cli
-from megu_jax import experiment
+from megu_jax.configs import fashion_mnist
+from megu_jax.harness import cli
+from megu_jax.harness import experiment
 
 _SCENARIO = flags.DEFINE_enum("scenario", "full_class", ["full_class", "sub_class", "random"],
                               "What kind of forgetting.")

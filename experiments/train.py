@@ -1,6 +1,6 @@
 r"""Trains the original model, or with ``--config.retrain=True`` the Retrain gold standard.
 
-  python -m experiments.train --config=experiments/configs/fashion_mnist.py --workdir=runs/fmnist
+  python -m experiments.train --config=megu_jax/configs/fashion_mnist.py --workdir=runs/fmnist
 
 Running the same command again resumes from the last checkpoint; a finished run is not redone.
 SIGTERM or Ctrl-C stops it after the current step with a checkpoint (exit code 143 / 130).
@@ -10,7 +10,7 @@ behaviour" lists them.
 from absl import flags
 from ml_collections import config_flags
 
-from megu_jax import cli
+from megu_jax.harness import cli
 from megu_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",

@@ -1,6 +1,6 @@
 r"""The main job: make a trained model forget, and compare it with Retrain and the original.
 
-  python -m experiments.unlearn --config=experiments/configs/fashion_mnist.py --workdir=runs/demo
+  python -m experiments.unlearn --config=megu_jax/configs/fashion_mnist.py --workdir=runs/demo
 
 Trains (or resumes) the original and the Retrain model, builds T with the prototype oracle unless
 ``--config.transition=PATH`` is given, runs ``--config.methods`` and writes ``results.json``,
@@ -15,8 +15,8 @@ checkpoints; results are written atomically at the end. Failures print one line 
 from absl import flags
 from ml_collections import config_flags
 
-from megu_jax import cli
-from megu_jax import experiment
+from megu_jax.harness import cli
+from megu_jax.harness import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)

@@ -1,7 +1,8 @@
-"""megu_jax: machine unlearning for image classifiers in JAX/Flax, built around MeGU."""
-from megu_jax import xla_cpu as _xla_cpu
+"""megu_jax: machine unlearning for image classifiers in JAX/Flax, built around MeGU.
 
-# Before any submodule can start JAX's backend: XLA reads its flags once, at that moment.
-_xla_cpu.apply_cpu_defaults()
+Importing the package changes nothing in the process: the XLA:CPU settings of
+:mod:`megu_jax.xla_cpu` are applied by the ``experiments/`` commands (or an explicit
+``megu_jax.xla_cpu.apply_cpu_defaults()`` before JAX's first computation).
+"""
 
 __version__ = "0.1.0"

@@ -32,7 +32,7 @@ FASHION_MNIST_CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-# Our own grouping (method.md section 3): visually entangled classes share a group.
+# Our own grouping (docs/method.md §3): visually entangled classes share a group.
 FASHION_MNIST_GROUP_NAMES = ("tops", "trouser", "dress", "footwear", "bag")
 FASHION_MNIST_GROUP_OF = (0, 1, 0, 2, 0, 3, 0, 3, 4, 3)  # indexed by FASHION_MNIST_CLASS_NAMES
 

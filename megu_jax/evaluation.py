@@ -1,10 +1,10 @@
-"""Every metric of method.md section 3 for one trained (or unlearned) model and one split.
+"""Every metric of docs/method.md §3 for one trained (or unlearned) model and one split.
 
 ``evaluate(trained, dataset, split, related) -> dict`` runs the network once over the training and
 test images (no augmentation) and hands host arrays to the pure functions of
 :mod:`megu_jax.metrics`. All values are fractions in [0, 1].
 
-Scenario conventions (method.md section 3):
+Scenario conventions (docs/method.md §3):
 - ``full_class`` / ``sub_class``: Dr and Df are the test accuracies on retained / forgotten
   classes (sub-classes; the label is the superclass, which the forgotten images keep).
 - ``random``: Df (``forget_test_acc``) is the accuracy on the forgotten *training* samples and Dr

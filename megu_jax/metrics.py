@@ -1,4 +1,4 @@
-"""Evaluation metrics of the unlearning benchmark (method.md, section 3), as pure functions.
+"""Evaluation metrics of the unlearning benchmark (docs/method.md §3), as pure functions.
 
 Everything here works on host NumPy arrays that the evaluation glue has already computed by
 running a network over a data set (without augmentation: SalUn converts its retain set to test
@@ -228,7 +228,7 @@ def class_accuracies(logits: Any, labels: Any, num_classes: int) -> np.ndarray:
 def related_accuracy(logits: Any, labels: Any, related_classes: Sequence[int]) -> float:
   """Accuracy restricted to samples whose true label is one of `related_classes`.
 
-  `related_test_acc` in method.md: the test accuracy on the classes most similar to the forgotten
+  `related_test_acc` in docs/method.md: the test accuracy on the classes most similar to the forgotten
   one (see `most_similar_classes`), where over-unlearning shows first.
 
   Args:
@@ -273,7 +273,7 @@ def mia_entropy_lr(retain_train_logits: Any, test_logits: Any, forget_logits: An
   A logistic regression (class_weight="balanced") learns to tell members, the retain-train
   samples (label 1), from non-members, the test samples (label 0), from the entropy of the
   model's prediction alone. The score is the fraction of forget samples it calls members.
-  After unlearning, the target is Retrain's score, not 0 (method.md section 4).
+  After unlearning, the target is Retrain's score, not 0 (docs/method.md §4).
 
   As in SSD (Foster et al. 2024, `get_membership_attack_prob`, itself from Chundawat et al.'s
   Bad-Teacher code): the raw entropy is the only feature, unscaled, and sklearn's lbfgs solver
@@ -513,7 +513,7 @@ def avg_gap(metrics: Mapping[str, Any], retrain_metrics: Mapping[str, Any],
   """Mean absolute difference from Retrain over `keys`, as SalUn reports its "Avg. Gap".
 
   SalUn averages |metric - Retrain's metric| over its accuracies and MIA-efficacy in percent; the
-  default keys here are method.md's Dr, Df and MIA (`mia_entropy_lr`), in fractions, so 0.05
+  default keys here are docs/method.md's Dr, Df and MIA (`mia_entropy_lr`), in fractions, so 0.05
   means 5 points. Every value must be a fraction in [0, 1]: a percentage passed by mistake would
   otherwise inflate the gap a hundredfold without any sign.
 

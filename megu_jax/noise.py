@@ -1,4 +1,4 @@
-"""MeGU's positive-negative feature-noise pair (method.md section 2, item 4), as pure functions.
+"""MeGU's positive-negative feature-noise pair (docs/method.md §2, step 4), as pure functions.
 
 The model is f = h o g: ``g`` maps an image to an intermediate activation z (by default the
 penultimate features), ``h`` is the rest of the network (``model.apply(..., from_activation=NAME)``).
@@ -38,7 +38,7 @@ import optax
 
 from megu_jax import parallel
 
-# Which members of the pair are active: the ablations of method.md section 2, item 6.
+# Which members of the pair are active: the ablations of docs/method.md §2, step 6.
 NOISE_MODES = ("both", "negative", "positive", "none")
 
 HeadFn = Callable[[jax.Array], jax.Array]  # activation [batch, *shape] -> logits [batch, K]

@@ -36,7 +36,7 @@ from megu_jax import models
 from megu_jax import parallel
 from megu_jax import splits
 
-SCHEDULES = ("cosine", "step", "constant")
+TRAINING_SCHEDULES = ("cosine", "step", "constant")
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +113,10 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> op
     return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
   if config.schedule == "constant":
     return optax.constant_schedule(config.learning_rate)
-  raise ValueError(f"config.schedule={config.schedule!r} is not one of {SCHEDULES}")
+  raise ValueError(f"config.schedule={config.schedule!r} is not one of {TRAINING_SCHEDULES}")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
+def make_training_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
                    ) -> optax.GradientTransformation:
   """SGD with momentum and (PyTorch-style, coupled) weight decay."""
   return optax.chain(
@@ -312,8 +312,8 @@ def validate_config(config: ml_collections.ConfigDict, dp: parallel.DataParallel
       raise ValueError(f"config.{field}={config[field]} must be positive")
   if config.learning_rate <= 0:
     raise ValueError(f"config.learning_rate={config.learning_rate} must be positive")
-  if config.schedule not in SCHEDULES:
-    raise ValueError(f"config.schedule={config.schedule!r} is not one of {SCHEDULES}")
+  if config.schedule not in TRAINING_SCHEDULES:
+    raise ValueError(f"config.schedule={config.schedule!r} is not one of {TRAINING_SCHEDULES}")
   if config.model.name not in models.MODEL_NAMES:
     raise ValueError(f"config.model.name={config.model.name!r} is not one of {models.MODEL_NAMES}")
   if config.dataset not in datasets.DATASET_NAMES:
@@ -357,7 +357,7 @@ def fit(config: ml_collections.ConfigDict, model: nn.Module, images: np.ndarray,
     raise ValueError(f"config.batch_size={config.batch_size} exceeds the {len(train_positions)} "
                      "training examples")
   total_steps = config.epochs * steps_per_epoch
-  tx = make_optimizer(config, steps_per_epoch)
+  tx = make_training_optimizer(config, steps_per_epoch)
   init_key, train_key = jax.random.split(key)
   state = create_train_state(model, tx, init_key, images.shape[1:])
 
@@ -601,7 +601,7 @@ def restore_trained(workdir: str) -> Trained:
         f"(the newest is step {step})")
   model = models.create_model(config.model, info["num_classes"])
   # The optimizer's state structure does not depend on the schedule's length: any steps_per_epoch.
-  abstract = create_train_state(model, make_optimizer(config, 1), jax.random.key(0),
+  abstract = create_train_state(model, make_training_optimizer(config, 1), jax.random.key(0),
                                 tuple(info["image_shape"]))
   try:
     host_state, _ = ckpt.restore(step, abstract)

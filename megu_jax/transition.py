@@ -1,14 +1,15 @@
-"""The transition matrix T and the perturbing labels drawn from it (method.md section 2, items 2-3).
+"""The transition matrix T: built from an oracle's scores, validated, stored (docs/method.md §2).
 
 An oracle scores how much class j resembles class i, S[i, j] on a 0..10 scale. This module turns S
 into a row-stochastic K x K matrix T with a zero diagonal,
 
     T[i, :] = softmax(S[i, :] / temperature) over j != i,   T[i, i] = 0,
 
-optionally keeping only the top-k entries of each row, validates it, stores it as a ``.npy`` file
-next to a JSON provenance record, and draws a perturbing label ỹ ~ Categorical(T[y]) for every
-forget sample. For sub-class forgetting T is over the coarse labels and ``labels`` are coarse labels,
-so ỹ is never the sample's own superclass; nothing else changes.
+optionally keeping only the top-k entries of each row, validates it, and stores it as a ``.npy``
+file next to a JSON provenance record. :func:`build_transition` is the one way T is made from a
+source (a ``.npy`` file or an offline oracle): MeGU, the main job and ``experiments.build_transition``
+all call it. For sub-class forgetting T is over the coarse labels. MeGU draws its perturbing labels
+from T in :mod:`megu_jax.unlearning.megu.labels`.
 """
 from __future__ import annotations
 
@@ -18,15 +19,16 @@ import json
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from megu_jax import io_utils
+from megu_jax.oracles import offline
 
 # Rows of T must sum to one within this tolerance, and its diagonal must be zero within it.
 ROW_SUM_ATOL = 1e-6
-PERTURBING_LABEL_MODES = ("sample", "argmax")
+# The oracles build_transition runs itself (gemini needs the network: experiments.build_transition).
+OFFLINE_ORACLES = ("prototype", "hierarchy", "uniform")
 
 
 class InvalidTransitionError(ValueError):
@@ -224,63 +226,53 @@ def load_transition(path: str, num_classes: Optional[int] = None) -> jnp.ndarray
   return jnp.asarray(matrix, dtype=jnp.float32)
 
 
-def _check_labels_in_range(labels: Any, num_classes: int) -> None:
-  """Checks concrete labels on the host; traced labels (under jit) cannot be checked."""
-  try:
-    host_labels = np.asarray(labels)
-  except jax.errors.TracerArrayConversionError:
-    return
-  if host_labels.size and (host_labels.min() < 0 or host_labels.max() >= num_classes):
-    bad = host_labels[(host_labels < 0) | (host_labels >= num_classes)][0]
-    raise ValueError(f"label {bad} is outside [0, {num_classes}) for a {num_classes}-class T")
+def is_transition_file(source: str) -> bool:
+  """Whether a T source names a file (``*.npy`` or a path) rather than an oracle."""
+  return str(source).endswith(".npy") or os.sep in str(source)
 
 
-def perturbing_labels(key: jax.Array, T: Any, labels: Any, *, mode: str = "sample") -> jax.Array:
-  """Draws a perturbing label for every forget sample; jit-compatible with ``mode`` static.
-
-  The sample's own class is masked to -inf in log space before sampling or taking the argmax, so
-  ỹ != y holds even when T carries a numerically tiny diagonal mass.
+def offline_scores(oracle: str, num_classes: int, *, features: Any = None,
+                   feature_labels: Any = None, superclass_of: Any = None) -> np.ndarray:
+  """S [K, K] of an offline oracle (one of :data:`OFFLINE_ORACLES`), from the inputs it needs.
 
   Args:
-    key: a PRNG key (used by mode "sample" only).
-    T: [K, K] valid transition matrix over the labels in ``labels`` (coarse labels for sub-class
-      forgetting, so ỹ is never the sample's own superclass).
-    labels: [N] int class of each forget sample.
-    mode: "sample" draws ỹ ~ Categorical(T[y]); "argmax" takes the most likely other class of each
-      row (ties go to the lower class index).
-
-  Returns:
-    [N] int32 perturbing labels, each != the corresponding label.
+    features: float [N, D] penultimate features of a trained model, with ``feature_labels`` int
+      [N] covering every class: the ``prototype`` oracle's input.
+    superclass_of: int [K], class -> group: the ``hierarchy`` oracle's input (the data set's own
+      grouping, handed in by the caller: this module knows no data set).
   """
-  if mode not in PERTURBING_LABEL_MODES:
-    raise ValueError(f"mode must be one of {PERTURBING_LABEL_MODES}, got {mode!r}")
-  matrix = jnp.asarray(T)
-  if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-    raise ValueError(f"T must be square [K, K], got shape {matrix.shape}")
-  labels = jnp.asarray(labels)
-  if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"labels must be a 1-D integer array [N], got {labels.dtype} {labels.shape}")
-  _check_labels_in_range(labels, matrix.shape[0])
-  if mode == "argmax":
-    return _argmax_perturbing_labels(matrix, labels)
-  return _sampled_perturbing_labels(key, matrix, labels)
+  if oracle == "prototype":
+    if features is None or feature_labels is None:
+      raise ValueError("the prototype oracle needs a trained model's features and their labels")
+    return offline.prototype_scores(features, feature_labels, num_classes)
+  if oracle == "hierarchy":
+    groups = (None if superclass_of is None or len(superclass_of) == 0
+              else np.asarray(superclass_of, np.int32))
+    if groups is not None and groups.shape != (num_classes,):
+      raise ValueError(f"superclass_of has {groups.size} entries for {num_classes} classes")
+    return offline.hierarchy_scores(groups)  # no grouping: its error says so
+  if oracle == "uniform":
+    return offline.uniform_scores(num_classes)
+  raise ValueError(f"T source {oracle!r} is neither a .npy file nor an offline oracle "
+                   f"{OFFLINE_ORACLES} (build a Gemini T with experiments.build_transition and "
+                   "pass its .npy path)")
 
 
-def _log_rows_without_own_class(T: jax.Array, labels: jax.Array) -> jax.Array:
-  """[N, K] log T[y] with the own class (and zero entries) at -inf."""
-  rows = T[labels]
-  own_class = jax.nn.one_hot(labels, T.shape[0], dtype=jnp.bool_)
-  # log is taken of a safe value where the row is 0, so no -inf/NaN reaches a gradient.
-  return jnp.where(own_class | (rows <= 0), -jnp.inf, jnp.log(jnp.where(rows > 0, rows, 1.0)))
+def build_transition(source: str, num_classes: int, *, temperature: float = 1.0,
+                     top_k: Optional[int] = None, **oracle_inputs: Any) -> np.ndarray:
+  """T [K, K] (float64, validated) from ``source``: a ``.npy`` file or an offline oracle.
 
+  The one way T is made from a source. A path is loaded and validated (``temperature`` and
+  ``top_k`` then do not apply); an oracle's scores (:func:`offline_scores`, given
+  ``oracle_inputs``) go through :func:`scores_to_transition` (``top_k`` 0 or None keeps all).
 
-# Jitted once as a whole: eager op-by-op dispatch would compile every primitive separately.
-@jax.jit
-def _sampled_perturbing_labels(key: jax.Array, T: jax.Array, labels: jax.Array) -> jax.Array:
-  return jax.random.categorical(key, _log_rows_without_own_class(T, labels), axis=-1).astype(
-      jnp.int32)
-
-
-@jax.jit
-def _argmax_perturbing_labels(T: jax.Array, labels: jax.Array) -> jax.Array:
-  return jnp.argmax(_log_rows_without_own_class(T, labels), axis=-1).astype(jnp.int32)
+  Raises:
+    ValueError (or a subclass) naming the bad source or the missing input.
+  """
+  source = str(source)
+  if is_transition_file(source):
+    return np.asarray(load_transition(source, num_classes), np.float64)
+  scores = offline_scores(source, num_classes, **oracle_inputs)
+  T = scores_to_transition(scores, temperature=float(temperature), top_k=int(top_k or 0) or None)
+  validate_transition(T, num_classes)
+  return T

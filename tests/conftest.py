@@ -15,6 +15,12 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 # test session: a persistent compilation cache in a fresh temporary directory.
 import tempfile  # noqa: E402
 
+# The commands apply megu_jax's XLA:CPU settings before JAX starts (megu_jax.xla_cpu); so does the
+# test process, so that what a command trains and what a test trains in-process agree bitwise.
+from megu_jax import xla_cpu  # noqa: E402
+
+xla_cpu.apply_cpu_defaults()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="megu-jax-xla-cache-"))
@@ -44,7 +50,7 @@ def trained(digits):
   A model that knows every class (Dr 93.5, Df 97.3) and, less converged than a long run, shows an
   unstable method's damage.
   """
-  from experiments.configs import digits as digits_config
+  from megu_jax.configs import digits as digits_config
   from megu_jax import models
   from megu_jax import train
   config = digits_config.get_config("quick")

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments.configs import digits as digits_config
+from megu_jax.configs import digits as digits_config
 from megu_jax import metrics
 from megu_jax import parallel
 from megu_jax import train

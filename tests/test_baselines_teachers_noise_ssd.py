@@ -1,6 +1,6 @@
 """Bad Teacher, UNSIR, SSD and SCRUB on digits: each moves the model the way its paper promises.
 
-The recipes of method.md are sized for CIFAR; digits has 1437 training images, so the runs that
+The recipes of docs/method.md are sized for CIFAR; digits has 1437 training images, so the runs that
 check an *effect* raise the learning rates (named in each test) to see it within a few dozen
 steps. What each test asserts is the direction of the method, not the benchmark's numbers.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments.configs import digits as digits_config
+from megu_jax.configs import digits as digits_config
 from megu_jax import metrics
 from megu_jax import parallel
 from megu_jax import train
@@ -185,7 +185,7 @@ def test_ssd_dampens_exactly_the_selected_parameters_and_forgets(digits, trained
   unlearned = unlearning.get_method("ssd")(trained, forget, retain, experiment_config(),
                                            jax.random.key(0), timings=timings,
                                            diagnostics=diagnostics)
-  alpha, lam = 10.0, 1.0  # the defaults of method.md
+  alpha, lam = 10.0, 1.0  # the defaults of docs/method.md
   leaves = zip(jax.tree.leaves(trained.state.params), jax.tree.leaves(unlearned.state.params),
                jax.tree.leaves(diagnostics["forget_importance"]),
                jax.tree.leaves(diagnostics["full_importance"]))

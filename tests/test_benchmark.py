@@ -2,9 +2,9 @@
 
 import pytest
 
-from experiments.configs import digits as digits_config
-from megu_jax import benchmark
-from megu_jax import experiment
+from megu_jax.configs import digits as digits_config
+from megu_jax.harness import benchmark
+from megu_jax.harness import experiment
 
 
 def quick_config():

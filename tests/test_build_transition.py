@@ -258,7 +258,7 @@ def test_cli_without_an_api_key_fails_at_once_and_touches_nothing(tmp_path):
 @pytest.mark.slow
 def test_prototype_oracle_on_a_really_trained_model(tmp_path):
   """Trains the digits CNN for 2 epochs (about a minute on 2 busy cores), then builds T from it."""
-  from experiments.configs import digits as digits_config  # pylint: disable=g-import-not-at-top
+  from megu_jax.configs import digits as digits_config  # pylint: disable=g-import-not-at-top
   from megu_jax import train  # pylint: disable=g-import-not-at-top
 
   workdir = str(tmp_path / "run")

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments.configs import digits as digits_config
-from megu_jax import experiment
+from megu_jax.configs import digits as digits_config
+from megu_jax.harness import experiment
 from megu_jax import transition
 
 SCHEMA_KEYS = {"retain_test_acc", "forget_test_acc", "retain_train_acc", "forget_train_acc",
@@ -16,8 +16,7 @@ SCHEMA_KEYS = {"retain_test_acc", "forget_test_acc", "retain_train_acc", "forget
 
 def quick_config(**overrides):
   config = digits_config.get_config("quick")
-  for key, value in overrides.items():
-    config[key] = value
+  config.update_from_flattened_dict(overrides)  # dotted keys reach nested fields
   return config
 
 
@@ -56,7 +55,7 @@ def test_results_json_schema_report_and_plots(tmp_path):
     ({"forget": "Shirt"}, "Shirt"),
     ({"scenario": "sideways"}, "sideways"),
     ({"scenario": "sub_class", "forget": "3"}, "digits"),
-    ({"transition_oracle": "crystal_ball"}, "crystal_ball"),
+    ({"megu.transition": "crystal_ball"}, "crystal_ball"),
     ({"batch_size": 31}, "batch_size=31"),
 ])
 def test_bad_input_fails_before_any_compute(tmp_path, overrides, pattern):
@@ -69,5 +68,5 @@ def test_a_transition_file_of_the_wrong_size_fails_before_any_compute(tmp_path):
   path = str(tmp_path / "t5.npy")
   transition.save_transition(path, transition.scores_to_transition(np.ones((5, 5))), {})
   with pytest.raises(ValueError, match="5"):
-    experiment.run_unlearning(quick_config(transition=path), str(tmp_path / "w"))
+    experiment.run_unlearning(quick_config(**{"megu.transition": path}), str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()

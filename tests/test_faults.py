@@ -26,13 +26,13 @@ import numpy as np
 import pytest
 
 from experiments import build_transition
-from experiments.configs import digits as digits_config
+from megu_jax.configs import digits as digits_config
 from fake_gemini_server import Answer, FakeGeminiServer, Status, matrix_responder
-from megu_jax import benchmark
+from megu_jax.harness import benchmark
 from megu_jax import checkpoints
-from megu_jax import cli
+from megu_jax.harness import cli
 from megu_jax import datasets
-from megu_jax import experiment
+from megu_jax.harness import experiment
 from megu_jax import interruption
 from megu_jax import splits
 from megu_jax import train
@@ -43,7 +43,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SECRET = "fault-test-key-SECRET-5678"
 WAIT_S = 300  # per command; generous for two cores shared with other work
 # The command-line twin of quick_config().
-CONFIG_ARGS = ["--config=experiments/configs/digits.py:quick", "--config.epochs=1",
+CONFIG_ARGS = ["--config=megu_jax/configs/digits.py:quick", "--config.epochs=1",
                "--config.checkpoint_every_steps=20", "--config.methods=original"]
 
 
@@ -53,8 +53,7 @@ def quick_config(**overrides):
   config.epochs = 1
   config.checkpoint_every_steps = 20
   config.methods = "original"
-  for key, value in overrides.items():
-    config[key] = value
+  config.update_from_flattened_dict(overrides)  # dotted keys reach nested fields
   return config
 
 
@@ -513,7 +512,7 @@ def test_bad_command_lines_fail_in_one_line_with_exit_code_2_creating_nothing(tm
       ("experiments.train", ["--config.batch_sise=32"],
        "error: --config.batch_sise: the config has no field 'batch_sise'; did you mean "
        "'batch_size'?"),
-      ("experiments.unlearn", [f"--config.transition={cut}"],
+      ("experiments.unlearn", [f"--config.megu.transition={cut}"],
        f"error: {cut}: cannot be read as a numeric .npy array"),
   ]
   runs = [Command(module, [*CONFIG_ARGS, f"--workdir={tmp_path / f'w{i}'}", *args], tmp_path,
@@ -534,7 +533,7 @@ def test_bad_command_lines_fail_in_one_line_with_exit_code_2_creating_nothing(tm
     ({"eval_batch_size": 127}, "config.eval_batch_size=127 must be a positive multiple"),
     ({"scenario": "everything"},
      "unknown scenario 'everything'; valid scenarios: full_class, sub_class, random"),
-    ({"transition_oracle": "oracle_of_delphi"},
+    ({"megu.transition": "oracle_of_delphi"},
      "unknown oracle 'oracle_of_delphi'; available: ['gemini', 'hierarchy', 'prototype', "),
     ({"forget": "Shirt"}, "unknown class name 'Shirt' for data set 'digits'; valid names: 0, 1"),
     ({"methods": "megu,unlearn_everything"}, "unknown unlearning method 'unlearn_everything'"),
@@ -554,7 +553,7 @@ def test_a_transition_of_the_wrong_size_fails_before_any_compute(tmp_path):
                              {"oracle": "uniform"})
   with pytest.raises(ValueError, match=f"^{path}: transition matrix is 3 x 3 but the data set has "
                      "10 classes$"):
-    experiment.validate_before_compute(quick_config(transition=str(path)))
+    experiment.validate_before_compute(quick_config(**{"megu.transition": str(path)}))
 
 
 def test_a_bad_benchmark_scenario_fails_before_any_cell_runs(tmp_path):

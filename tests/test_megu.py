@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import digits as digits_config
+from megu_jax.configs import digits as digits_config
 from megu_jax import datasets
 from megu_jax import metrics
 from megu_jax import noise as noise_lib
@@ -93,7 +93,7 @@ def run_unlearning_steps(trained, forget, mode, num_devices, settings, num_steps
   """A noise step then finetuning steps that update the noise, the KL and the alignment terms."""
   dp = parallel.DataParallel(mode, tuple(jax.devices()[:num_devices]))
   model = trained.model
-  tx = base_lib.make_optimizer(settings, num_steps)
+  tx = base_lib.make_finetuning_optimizer(settings, num_steps)
   negative_tx, positive_tx = megu_lib.noise_optimizers(settings)
   noise_state = noise_lib.init_noise((32,), len(forget), digits_num_classes(trained), negative_tx,
                                      positive_tx)
@@ -161,7 +161,7 @@ def test_a_precomputed_frozen_prefix_gives_the_step_computed_one(digits, trained
   forget, _ = unlearn_data(digits, split)
   settings = megu_lib.default_megu_config()
   settings.update(freeze_through="block2", max_grad_norm=0.0)
-  model, tx = trained.model, base_lib.make_optimizer(settings, 1)
+  model, tx = trained.model, base_lib.make_finetuning_optimizer(settings, 1)
   dp = parallel.DataParallel("mesh", tuple(jax.devices()[:1]))
   step = dp.compile_step(megu_lib.make_finetune_step(
       model, tx, settings, mean=trained.mean, std=trained.std, per_sample=False,

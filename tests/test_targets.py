@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from megu_jax import targets
+from megu_jax.harness import targets
 
 RETRAIN = {"forget_test_acc": 0.0, "retain_test_acc": 0.95, "mia_entropy_lr": 0.27,
            "related_test_acc": 0.92, "time_s": 100.0}

@@ -11,12 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.configs import digits as digits_config
+from megu_jax.configs import digits as digits_config
 from megu_jax import datasets
 from megu_jax import parallel
-from megu_jax import throughput
+from megu_jax.harness import throughput
 from megu_jax import train
-from megu_jax import unlearning_cost
+from megu_jax.harness import unlearning_cost
 from megu_jax import xla_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +98,7 @@ def test_training_loop_compiles_nothing_after_its_first_step():
 
 
 def test_torch_twin_computes_our_train_step():
-  torch_reference = pytest.importorskip("megu_jax.torch_reference")
+  torch_reference = pytest.importorskip("experiments.torch_reference")
   setup = throughput.MODEL_SETUPS["small_cnn"]
   jax_step = throughput.JaxTrainStep("small_cnn", batch_size=16, num_batches=2)
   host = jax.device_get(jax_step.state)
@@ -200,7 +200,7 @@ def test_xla_cpu_defaults_respect_the_user():
                                             *xla_cpu.CPU_FLAGS]
     assert not xla_cpu.apply_cpu_defaults(environ)  # already there: not added twice
     if os.environ.get("MEGU_JAX_XLA_CPU_DEFAULTS", "1") != "0":
-      assert xla_cpu.active()  # this test process got them at import
+      assert xla_cpu.active()  # this test process got them from conftest, as the commands do
   mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
   assert not xla_cpu.apply_cpu_defaults(mine) and mine["XLA_FLAGS"].endswith("=dot")
   off = {"MEGU_JAX_XLA_CPU_DEFAULTS": "0"}

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.configs import digits as digits_config
+from megu_jax.configs import digits as digits_config
 from megu_jax import datasets
 from megu_jax import parallel
 from megu_jax import train
@@ -22,7 +22,7 @@ def run_steps(dataset, mode, num_devices, num_steps=6, batch_size=32):
   config = digits_config.get_config()
   config.batch_size = batch_size
   model = train.models.create_model(config.model, dataset.num_classes)
-  tx = train.make_optimizer(config, steps_per_epoch=20)
+  tx = train.make_training_optimizer(config, steps_per_epoch=20)
   dp = parallel.DataParallel(mode, tuple(jax.devices()[:num_devices]))
   mean, std = dataset.mean, dataset.std
   key = jax.random.key(0)

@@ -1,6 +1,6 @@
 """Bad Teacher (Chundawat et al., AAAI 2023): a student distils a competent and a random teacher.
 
-method.md section 3: the student starts as a copy of the original model. On retain images it
+docs/method.md §3: the student starts as a copy of the original model. On retain images it
 matches the original (the *competent* teacher); on forget images it matches a randomly initialised
 model of the same architecture (the *incompetent* teacher), which knows nothing about anything. The
 loss is KL(teacher ‖ student) at temperature T = 1 over one epoch of D_f ∪ (30% of D_r), shuffled
@@ -15,6 +15,7 @@ augmentation: the forget images must be the ones an attacker queries.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -156,11 +157,9 @@ def bad_teacher(trained: train.Trained, forget_data: UnlearnData, retain_data: U
                                    timings)
   check_finite(last_metrics, "bad_teacher")
   if diagnostics is not None:
-    diagnostics["incompetent_teacher"] = train.Trained(
-        config=trained.config, model=trained.model,
-        state=trained.state.replace(params=incompetent["params"],
-                                    batch_stats=incompetent.get("batch_stats", {})),
-        mean=trained.mean, std=trained.std)
+    diagnostics["incompetent_teacher"] = dataclasses.replace(
+        trained, state=trained.state.replace(params=incompetent["params"],
+                                             batch_stats=incompetent.get("batch_stats", {})))
     diagnostics["metrics"] = last_metrics
   return with_params(trained, dp.get_replicated(state).params)
 

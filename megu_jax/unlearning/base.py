@@ -153,11 +153,11 @@ def resolve_batch_size(field: str, batch_size: int, config: ml_collections.Confi
 
 
 # --- the finetuning optimiser: MeGU's, shared by the finetuning-family baselines ----------------
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "constant")
+FINETUNING_OPTIMIZERS = ("sgd", "adam")
+FINETUNING_SCHEDULES = ("cosine", "constant")
 
 
-def make_optimizer(settings: ml_collections.ConfigDict, total_steps: int
+def make_finetuning_optimizer(settings: ml_collections.ConfigDict, total_steps: int
                    ) -> optax.GradientTransformation:
   """The finetuning optimiser of θ."""
   if settings.schedule == "cosine":
@@ -178,8 +178,8 @@ def make_optimizer(settings: ml_collections.ConfigDict, total_steps: int
 def validate_training_settings(name: str, settings: ml_collections.ConfigDict) -> None:
   """Checks the optimiser fields every finetuning-family method has (batch size: separately)."""
   f = lambda field: f"config.{name}.{field}"
-  check_choice(f("optimizer"), settings.optimizer, OPTIMIZERS)
-  check_choice(f("schedule"), settings.schedule, SCHEDULES)
+  check_choice(f("optimizer"), settings.optimizer, FINETUNING_OPTIMIZERS)
+  check_choice(f("schedule"), settings.schedule, FINETUNING_SCHEDULES)
   check_positive(f("epochs"), settings.epochs)
   check_positive(f("learning_rate"), settings.learning_rate)
   check_positive(f("momentum"), settings.momentum, allow_zero=True)
@@ -287,9 +287,7 @@ def check_finite(metrics: dict | None, method: str) -> None:
 # --- the model being unlearned -------------------------------------------------------------------
 def with_params(trained: train.Trained, params: Any) -> train.Trained:
   """``trained`` with new parameters (BatchNorm statistics and everything else unchanged)."""
-  return train.Trained(config=trained.config, model=trained.model,
-                       state=trained.state.replace(params=params), mean=trained.mean,
-                       std=trained.std)
+  return dataclasses.replace(trained, state=trained.state.replace(params=params))
 
 
 def frozen_logits(model: nn.Module, params: Any, batch_stats: Any, images: jax.Array) -> jax.Array:

@@ -1,9 +1,9 @@
-"""Finetune: keep training the original model on the retain set only (method.md section 3).
+"""Finetune: keep training the original model on the retain set only (docs/method.md §3).
 
 The weakest baseline: nothing pushes the forget set away; it fades only as far as catastrophic
 forgetting carries it, so this baseline *under*-unlearns (high Df, MIA above Retrain's) unless it
-runs long. SSD benchmark recipe (method.md): 5 epochs of SGD at lr 0.02 on D_r; momentum 0.9
-and weight decay 5e-4 (method.md fixes neither) are the original recipe's, lr held constant.
+runs long. SSD benchmark recipe (docs/method.md): 5 epochs of SGD at lr 0.02 on D_r; momentum 0.9
+and weight decay 5e-4 (docs/method.md fixes neither) are the original recipe's, lr held constant.
 
 The step is the original model's own supervised step (``train.make_train_step``: BatchNorm in
 training mode, the recipe's augmentation), so finetuning is literally "more of the same training
@@ -13,6 +13,8 @@ the settings checks and the optimiser (MeGU's) come from :mod:`.base`.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import ml_collections
 import optax
@@ -21,12 +23,12 @@ from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
 from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data, check_finite,
-                                      finetuning_settings, make_optimizer, num_steps,
+                                      finetuning_settings, make_finetuning_optimizer, num_steps,
                                       replicated_train_state, run_phase, seed_from_key)
 
 
 def default_finetune_config() -> ml_collections.ConfigDict:
-  """method.md section 3 (SSD benchmark): 5 epochs of SGD, lr 0.02, on the retain set.
+  """docs/method.md §3 (SSD benchmark): 5 epochs of SGD, lr 0.02, on the retain set.
 
   Attach as ``config.finetune``. ``batch_size`` 0 means the original recipe's
   ``config.batch_size``.
@@ -84,8 +86,7 @@ def train_on(trained: train.Trained, data: UnlearnData, tx: optax.GradientTransf
   state, last_metrics = run_phase(step_fn, state, batches, step_key, phase, timings)
   state = dp.get_replicated(state)
   unlearned = trained.state.replace(params=state.params, batch_stats=state.batch_stats)
-  return train.Trained(config=trained.config, model=trained.model, state=unlearned,
-                       mean=trained.mean, std=trained.std), last_metrics
+  return dataclasses.replace(trained, state=unlearned), last_metrics
 
 
 # --- the method ----------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ def finetune(trained: train.Trained, forget_data: UnlearnData, retain_data: Unle
   check_data(trained, forget_data, retain_data, need_forget=False)
   steps = num_steps(settings.epochs, len(retain_data), batch_size)
   unlearned, last_metrics = train_on(
-      trained, retain_data, make_optimizer(settings, steps), steps=steps, batch_size=batch_size,
-      augment=settings.augment, config=config, key=key, timings=timings, dp=dp)
+      trained, retain_data, make_finetuning_optimizer(settings, steps), steps=steps,
+      batch_size=batch_size, augment=settings.augment, config=config, key=key, timings=timings, dp=dp)
   check_finite(last_metrics, "finetune")
   return unlearned

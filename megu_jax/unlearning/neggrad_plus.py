@@ -16,7 +16,7 @@ model keeps Dr 93.5 (its original value) with Df 0.0, and the 6-epoch model Dr 9
 its 40 steps (Df 0.0, Dr 98.1 with 3 epochs). ``forget_loss_cap = 0`` restores the classic,
 unbounded NegGrad+.
 
-method.md gives no hyperparameters for NegGrad+ (the SSD benchmark does not run it); ours, stated
+docs/method.md gives no hyperparameters for NegGrad+ (the SSD benchmark does not run it); ours, stated
 as our choice: β = 0.95, SGD lr 0.01 with momentum 0.9 and weight decay 5e-4, one pass over D_r
 (forget batches cycle through D_f alongside), batches of the recipe's ``config.batch_size``.
 The ascent is unbounded: longer runs or larger (1 − β) drive the forget loss up without limit
@@ -40,13 +40,14 @@ from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
 from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data, check_finite,
-                                      check_positive, finetuning_settings, make_optimizer,
-                                      num_classes_of, num_steps, replicated_train_state,
-                                      row_stream, run_phase, seed_from_key, with_params)
+                                      check_positive, finetuning_settings,
+                                      make_finetuning_optimizer, num_classes_of, num_steps,
+                                      replicated_train_state, row_stream, run_phase,
+                                      seed_from_key, with_params)
 
 
 def default_neggrad_plus_config() -> ml_collections.ConfigDict:
-  """Our NegGrad+ setting (method.md gives none; see the module docstring).
+  """Our NegGrad+ setting (docs/method.md gives none; see the module docstring).
 
   Attach as ``config.neggrad_plus``. ``batch_size`` 0 means the recipe's ``config.batch_size``,
   used for both the forget and the retain batch of a step.
@@ -148,7 +149,7 @@ def neggrad_plus(trained: train.Trained, forget_data: UnlearnData, retain_data: 
         f"batch size {batch_size} exceeds the {len(retain_data)} retain examples")
 
   steps = num_steps(settings.epochs, len(retain_data), batch_size)
-  tx = make_optimizer(settings, steps)
+  tx = make_finetuning_optimizer(settings, steps)
   step_fn = dp.compile_step(make_neggrad_plus_step(trained.model, tx, mean=trained.mean,
                                                    std=trained.std, retain_weight=float(beta),
                                                    forget_loss_cap=float(cap) * math.log(

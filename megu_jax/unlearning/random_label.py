@@ -4,7 +4,7 @@ Every forget sample gets one label drawn uniformly from the *other* classes (for
 forgetting: the other superclasses, since the task labels are coarse), fixed for the whole run;
 the model then trains on the relabelled forget set together with the retain set, which keeps the
 rest of the task in place while the forget samples are pushed to arbitrary classes. SSD
-benchmark recipe (method.md section 3): 3 epochs, Adam, lr 1e-4, BatchNorm in training mode.
+benchmark recipe (docs/method.md §3): 3 epochs, Adam, lr 1e-4, BatchNorm in training mode.
 
 This is MeGU with a uniform transition matrix and no noise pair: the ablation that shows what
 machine guidance adds. As MeGU's perturbing labels, a sample's random label depends only on the
@@ -24,12 +24,12 @@ from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
 from megu_jax.unlearning.base import (UnlearnData, check_data, check_finite, finetuning_settings,
-                                      make_optimizer, num_classes_of, num_steps)
+                                      make_finetuning_optimizer, num_classes_of, num_steps)
 from megu_jax.unlearning.finetune import train_on
 
 
 def default_random_label_config() -> ml_collections.ConfigDict:
-  """method.md section 3 (SSD benchmark): 3 epochs of Adam at lr 1e-4 on D_f (relabelled) ∪ D_r.
+  """docs/method.md §3 (SSD benchmark): 3 epochs of Adam at lr 1e-4 on D_f (relabelled) ∪ D_r.
 
   Attach as ``config.random_label``. ``batch_size`` 0 means the recipe's ``config.batch_size``.
   """
@@ -107,7 +107,7 @@ def random_label(trained: train.Trained, forget_data: UnlearnData, retain_data: 
   data = relabelled_training_set(trained, forget_data, retain_data, label_key, timings)
   steps = num_steps(settings.epochs, len(data), batch_size)
   unlearned, last_metrics = train_on(
-      trained, data, make_optimizer(settings, steps), steps=steps, batch_size=batch_size,
+      trained, data, make_finetuning_optimizer(settings, steps), steps=steps, batch_size=batch_size,
       augment=settings.augment, config=config, key=train_key, timings=timings, dp=dp)
   check_finite(last_metrics, "random_label")
   return unlearned

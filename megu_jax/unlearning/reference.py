@@ -1,4 +1,4 @@
-"""The two reference points every unlearning result is judged against (method.md section 3).
+"""The two reference points every unlearning result is judged against (docs/method.md §3).
 
 - ``original``: does nothing; the model that still knows the forget set.
 - ``retrain``: the gold standard, a fresh model trained from scratch on the retain set only with
@@ -6,6 +6,8 @@
   resets the head, this retrains every layer.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import ml_collections
@@ -48,5 +50,4 @@ def retrain(trained: train.Trained, forget_data: UnlearnData, retain_data: Unlea
                          key=key, dp=dp, desc="retrain")
   if timings is not None:
     timings.update(compile_s=run["compile_s"], train_s=run["time_s"])
-  return train.Trained(config=trained.config, model=model, state=state, mean=trained.mean,
-                       std=trained.std)
+  return dataclasses.replace(trained, state=state)

@@ -1,7 +1,7 @@
 """SalUn (Fan et al., ICLR 2024): random-label unlearning restricted to salient weights.
 
 1. **Weight saliency.** g = ∇θ CE(f_θ(D_f), y), the gradient of the mean forget-set loss at the
-   original θ (BatchNorm in inference mode); the mask keeps the ``mask_fraction`` (method.md:
+   original θ (BatchNorm in inference mode); the mask keeps the ``mask_fraction`` (docs/method.md:
    50%) of all parameters with the largest |g|, ranked globally across layers as SalUn does.
 2. **Masked random-label finetuning.** The ``random_label`` training run (forget samples relabelled
    uniformly to another class, trained together with D_r), with every update multiplied by the
@@ -31,14 +31,14 @@ from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
 from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, check_data, check_finite,
-                                      finetuning_settings, host_copy, make_optimizer, num_steps,
-                                      run_phase)
+                                      finetuning_settings, host_copy,
+                                      make_finetuning_optimizer, num_steps, run_phase)
 from megu_jax.unlearning.finetune import train_on
 from megu_jax.unlearning.random_label import default_random_label_config, relabelled_training_set
 
 
 def default_salun_config() -> ml_collections.ConfigDict:
-  """method.md section 3: top 50% of |∇ CE| on D_f, then random-label finetuning, masked.
+  """docs/method.md §3: top 50% of |∇ CE| on D_f, then random-label finetuning, masked.
 
   Attach as ``config.salun``. The training fields default to ``random_label``'s (see the module
   docstring for why). ``batch_size`` 0 means the recipe's ``config.batch_size`` (both for the
@@ -183,7 +183,7 @@ def salun(trained: train.Trained, forget_data: UnlearnData, retain_data: Unlearn
 
   data = relabelled_training_set(trained, forget_data, retain_data, label_key, timings)
   steps = num_steps(settings.epochs, len(data), batch_size)
-  tx = optax.chain(make_optimizer(settings, steps), masked_updates(mask))
+  tx = optax.chain(make_finetuning_optimizer(settings, steps), masked_updates(mask))
   unlearned, last_metrics = train_on(
       trained, data, tx, steps=steps, batch_size=batch_size, augment=settings.augment,
       config=config, key=train_key, timings=timings, dp=dp)

@@ -1,6 +1,6 @@
 """SCRUB (Kurmanji et al., NeurIPS 2023): a student moves away from its teacher on D_f only.
 
-method.md section 3. The teacher is the original model, the student starts as a copy of it. Each
+docs/method.md §3. The teacher is the original model, the student starts as a copy of it. Each
 epoch runs, while the epoch is below ``max_epochs``, one pass of *max-steps* over D_f:
 
     minimise −T²·KL_T(teacher ‖ student)               (push the student away on forget images)
@@ -21,33 +21,13 @@ original's, so a max-epoch of forget-only batches cannot shift how every class i
 ``update_batch_stats = True`` carries them forward as PyTorch's ``train()`` does (SCRUB's code
 literally); the training trajectory is the same either way, only the returned statistics differ.
 
-Fashion-MNIST, forget Shirt (4-epoch original; Retrain: Dr 95.3, Df 0, MIA 26.6), measured with
-``python /tmp/s2/tune.py full_class Shirt OUT "scrub;scrub.learning_rate=LR"`` on 2 busy cores
-(Dr / Df = retain / forget test accuracy, MIA = mia_entropy_lr, all %; gap = avg_gap to Retrain):
-
-  ============================  =====  =====  =====  =====  ======
-  learning rate (SGD)           Dr     Df     MIA    gap    time
-  ============================  =====  =====  =====  =====  ======
-  5e-4 (method.md), frozen BN   NaN (first max-epoch, step 44 of 47)
-  5e-4, batch statistics        NaN (second max-epoch)
-  3e-4, batch statistics        80.8    0.0   26.7    4.89  99 s
-  2e-4, batch statistics        95.0   27.3   20.7   11.17  64 s
-  2e-4, update_batch_stats      95.0   26.9   17.7   12.01  84 s
-  1e-4, batch statistics        94.9   44.8   15.6   18.72  76 s
-  ============================  =====  =====  =====  =====  ======
-
-Batch statistics alone do not save the method's 5e-4 here: −KL is unbounded, and on the small
-CNN (two dense layers after the last BatchNorm, where SCRUB's ResNet has one) the max-steps grow
-the KL to the teacher exponentially while the weights barely move (the two max-epochs alone, no
-min-steps between: KL 0.18 at step 5, 33 at step 30 with every kernel within 7% of its start,
-1.5e6 at step 50, NaN at 57; at 1e-4, KL 1.0 after one max-epoch and 98 after two). 3e-4 forgets
-Shirt but over-unlearns (related classes 78.0 against Retrain's 91.7, the judging criterion of
-method.md section 4); 2e-4 is the largest rate measured that keeps the rest intact (related 91.8).
-The default stays method.md's 5e-4 (on digits, 5 max-steps per epoch, it is stable); a
-Fashion-MNIST config sets the rate. A run that diverges raises ``NonFiniteLossError``.
+The max-steps' −KL is unbounded: on the small CNN (two dense layers after the last BatchNorm)
+5e-4 grows it exponentially to NaN, so the Fashion-MNIST config lowers the rate (docs/tuning.md);
+the default stays 5e-4, stable on digits. A run that diverges raises ``NonFiniteLossError``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -158,7 +138,7 @@ def _epoch_batches(rng: np.random.Generator, data: UnlearnData, batch_size: int,
     yield {"image": data.images[rows], "label": data.labels[rows], "is_forget": flags}
 
 
-def make_optimizer(settings: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_scrub_optimizer(settings: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """SGD with momentum and PyTorch-style (coupled) weight decay, constant learning rate."""
   return optax.chain(optax.add_decayed_weights(settings.weight_decay),
                      optax.sgd(settings.learning_rate, momentum=settings.momentum or None))
@@ -191,7 +171,7 @@ def scrub(trained: train.Trained, forget_data: UnlearnData, retain_data: Unlearn
   check_data(trained, forget_data, retain_data)
 
   rng = np.random.default_rng(seed_from_key(key))
-  tx = make_optimizer(settings)
+  tx = make_scrub_optimizer(settings)
   params = host_copy(trained.state.params)
   state = dp.put_replicated(ScrubState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
@@ -222,7 +202,5 @@ def scrub(trained: train.Trained, forget_data: UnlearnData, retain_data: Unlearn
     diagnostics.update(last)
   state = dp.get_replicated(state)
   # Unless update_batch_stats, state.batch_stats are still the original's.
-  return train.Trained(config=trained.config, model=trained.model,
-                       state=trained.state.replace(params=state.params,
-                                                   batch_stats=state.batch_stats),
-                       mean=trained.mean, std=trained.std)
+  return dataclasses.replace(
+      trained, state=trained.state.replace(params=state.params, batch_stats=state.batch_stats))

@@ -1,6 +1,6 @@
 """Selective Synaptic Dampening (SSD, Foster et al., AAAI 2024): retraining-free, one shot.
 
-method.md section 3. The diagonal of the Fisher information, estimated as
+docs/method.md §3. The diagonal of the Fisher information, estimated as
 
     I = mean over batches b of (∇θ CE_b)²,   CE_b = the batch-mean cross-entropy,
 
@@ -37,21 +37,9 @@ from megu_jax.unlearning.base import (UnlearnData, check_data, check_positive, f
 def default_ssd_config() -> ml_collections.ConfigDict:
   """SSD's hyperparameters (tuned by its authors for ResNet-18 on CIFAR); ``config.ssd`` overrides.
 
-  Measured on Fashion-MNIST, forget Shirt (the project's small CNN, 8 epochs, 1 device; the
-  original: Dr 94.0, Df 75.6; same importances, only α varied, λ = 1; percentages):
-
-    | α    | selected θ | Dr   | Df   |
-    | 10   | 47.2       | 11.1 | 0.0  |   <- SSD's default: the model collapses
-    | 20   | 34.1       | 27.4 | 0.0  |
-    | 50   | 12.1       | 68.8 | 0.0  |
-    | 100  | 1.6        | 92.6 | 0.0  |
-    | 200  | 0.01       | 95.7 | 41.5 |
-    | 500  | 0.0        | 94.0 | 75.6 |
-
-  Shirt is a hard class (the original fits only 87% of its training images), so its forget-set
-  gradients are large everywhere and α = 10 selects half the network. For that data set set
-  ``config.ssd.selection_weighting`` to 100 or more in the experiment config; the default stays
-  SSD's for the paper's CIFAR protocol.
+  On the small Fashion-MNIST CNN α = 10 selects about half of the parameters and collapses the
+  model; that config sets α = 100 (docs/tuning.md). The default stays SSD's for the CIFAR
+  protocol.
   """
   c = ml_collections.ConfigDict()
   c.selection_weighting = 10.0  # α: select θ_i when I_f,i > α · I_D,i

@@ -1,6 +1,6 @@
 """UNSIR (Tarun et al., IEEE TNNLS 2023): error-maximising noise, then impair and repair.
 
-method.md section 3, as the SSD benchmark runs it:
+docs/method.md §3, as the SSD benchmark runs it:
 
 1. **Noise.** For every forgotten label c, a batch of ``noise_batch_size`` input-space images N_c
    (normalised pixel space, initialised N(0, 1)) is optimised with θ frozen to *maximise* the
@@ -20,15 +20,9 @@ sees 2,560 noise images among 4,500 retain images, a CIFAR-100 run among 49,500.
 actually feeds 3 noise rows per noise batch, 240 in all on CIFAR; we follow the description, 80
 whole batches.)
 
-Measured (``python /tmp/s2/tune.py full_class Shirt OUT unsir``, 4-epoch Fashion-MNIST original,
-defaults): Dr 94.6, Df 3.6, MIA 8.6 (Retrain 95.3 / 0 / 26.6), related 90.7 (Retrain 91.7),
-avg_gap 7.44, 7.0 s: forgets without harming the rest. On digits (2-epoch original of the tests,
-forget 3, Dr 93.5 / Df 97.3 before) the defaults wreck the model, Dr 42.4 and Df 100: its 1,291
-retain images make the 2,560 noise images 66% of the impair epoch, and labelling that much noise
-with the forget class teaches the model to answer it everywhere. A share like Fashion-MNIST's
-(``noise_repeats = 10``) keeps Dr 90.7, but Adam 1e-4 over digits' ~50 impair steps then forgets
-nothing (Df 100). This is the recipe's behaviour on a tiny retain set, not a bug; the digits test
-sets its own noise share and learning rates.
+On a tiny retain set the recipe's noise share dominates the impair epoch: on digits (1,291
+retain images) the 2,560 noise images labelled with the forget class teach the model to answer it
+everywhere, so the digits test sets its own noise share and learning rates (docs/tuning.md).
 
 In the random scenario (and when several classes are forgotten) the forget set spans several
 labels; each gets its own noise batch (SSD's description is class-wise; this is our extension),

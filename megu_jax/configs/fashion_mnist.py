@@ -1,9 +1,9 @@
 r"""Fashion-MNIST, small CNN: the project's offline default.
 
 Train the original model:
-  python -m experiments.train --config=experiments/configs/fashion_mnist.py --workdir=runs/fmnist
+  python -m experiments.train --config=megu_jax/configs/fashion_mnist.py --workdir=runs/fmnist
 Train the Retrain gold standard (from scratch on the retain set only):
-  python -m experiments.train --config=experiments/configs/fashion_mnist.py \
+  python -m experiments.train --config=megu_jax/configs/fashion_mnist.py \
     --workdir=runs/fmnist_retrain --config.retrain=True --config.scenario=full_class \
     --config.forget=Shirt
 
@@ -62,42 +62,33 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # The unlearning job (experiments.unlearn / make demo).
   config.methods = "original,retrain,megu"  # comma-separated registered names, or "all"
-  config.transition = ""          # a T .npy file (e.g. built with Gemini); "" = build it offline:
-  config.transition_oracle = "prototype"  # prototype | hierarchy | uniform
-  config.transition_temperature = 1.0     # tau on the oracles' 0..10 scale
-  config.transition_top_k = 0             # keep the k most similar classes per row; 0 = all
   config.megu = megu.default_megu_config()
-  # MeGU on the small CNN finetunes only its feature layer and head (the three conv blocks keep
-  # θ₀): measured (seed 0) Df at Retrain's on all 10 classes and every target met on 6 of them,
-  # against 3 of 10 when every layer trains, in a third of the time. Without the conv layers'
-  # gradients the clip that kept full finetuning stable is not needed, and the guidance
-  # temperature that matches Retrain's confidence moves to 1 (default_megu_config's last table).
+  # T: config.megu.transition (an offline oracle, or a .npy file, e.g. built with Gemini).
+  # On the small CNN only the feature layer and head are finetuned (the conv blocks keep θ₀):
+  # that forgot every class within MeGU's 50 steps where full finetuning needed a clip that
+  # left the most distinctive classes remembered (docs/tuning.md).
   config.megu.freeze_through = "block3"
-  config.megu.max_grad_norm = 0.0
-  config.megu.guidance_temperature = 1.0
-  # The baselines' settings (method.md section 3), each overridable: --config.ssd.alpha=5 ...
+  config.megu.max_grad_norm = 0.0           # the head-only gradient needs no clip
+  config.megu.guidance_temperature = 1.0    # closest to Retrain's confidence over three seeds
+  # The baselines' settings (docs/method.md §3), each overridable: --config.ssd.alpha=5 ...
   config.finetune = finetune.default_finetune_config()
   config.neggrad_plus = neggrad_plus.default_neggrad_plus_config()
   config.random_label = random_label.default_random_label_config()
   config.bad_teacher = bad_teacher.default_bad_teacher_config()
   config.unsir = unsir.default_unsir_config()
   config.ssd = ssd.default_ssd_config()
-  # SSD's CIFAR alpha = 10 selects 47% of the small CNN's parameters and collapses it (Dr 11.1);
-  # alpha = 100 measured Dr 92.6 / Df 0.0 on Fashion-MNIST Shirt (see default_ssd_config).
+  # SSD's CIFAR α = 10 selects half of the small CNN's parameters and collapses it.
   config.ssd.selection_weighting = 100.0
   config.scrub = scrub.default_scrub_config()
   config.salun = salun.default_salun_config()
-  # method.md's epoch counts were set for CIFAR recipes of tens of epochs. Against this 4-epoch
-  # recipe they would cost more than Retrain itself (finetune's 5 epochs over D_r = 125% of it),
-  # which no unlearning method may: every baseline gets at most one pass over its data here,
-  # learning rates unchanged. (bad_teacher, neggrad_plus and unsir already run one epoch.)
+  # docs/method.md §3's epoch counts were set for CIFAR recipes of tens of epochs; against this
+  # short recipe they would cost more than Retrain itself: at most one pass over the data here.
   config.finetune.epochs = 1.0
   config.random_label.epochs = 1.0
   config.salun.epochs = 1.0
   config.scrub.epochs = 1
   config.scrub.max_epochs = 1
-  # SCRUB at method.md's SGD 5e-4 diverges to NaN on this CNN even with batch statistics; 2e-4 is
-  # the largest rate measured that keeps related accuracy at Retrain's (see scrub.py's docstring).
+  # SCRUB at SGD 5e-4 diverges to NaN on this CNN; 2e-4 is the largest stable rate measured.
   config.scrub.learning_rate = 2e-4
 
   # The benchmark (experiments.benchmark): SCENARIO:WHAT items, ';'-separated, and seeds 0..seeds-1.

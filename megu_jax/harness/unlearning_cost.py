@@ -16,7 +16,7 @@ import zlib
 import jax
 import numpy as np
 
-from megu_jax import experiment
+from megu_jax.harness import experiment
 from megu_jax import unlearning
 
 MEGU_PHASES = ("transition_s", "noise_s", "finetune_s")

@@ -3,10 +3,10 @@ r"""CIFAR-100, ResNet-18 (CIFAR form), full-class forgetting as in the SSD bench
 Needs CIFAR-100 prepared for tfds in array_record format under DATA_DIR (no download at run time):
   tfds build cifar100 --data_dir=DATA_DIR --file_format=array_record
 One run (forget rocket):
-  python -m experiments.unlearn --config=experiments/configs/cifar100_resnet18.py \
+  python -m experiments.unlearn --config=megu_jax/configs/cifar100_resnet18.py \
     --workdir=runs/cifar100 --config.data_dir=DATA_DIR
 The protocol's five classes x 3 seeds, every method:
-  python -m experiments.benchmark --config=experiments/configs/cifar100_resnet18.py \
+  python -m experiments.benchmark --config=megu_jax/configs/cifar100_resnet18.py \
     --workdir=runs/cifar100_bench --config.data_dir=DATA_DIR --config.methods=all --config.seeds=3
 
 Not run on this project's CPU machines; no result is claimed for it yet. ``:quick`` shrinks it to a
@@ -14,7 +14,7 @@ narrow net, one epoch and tiny batches: the smoke test runs it on tfds.testing.m
 """
 import ml_collections
 
-from experiments.configs import cifar10_resnet18
+from megu_jax.configs import cifar10_resnet18
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -75,7 +75,7 @@ class JaxTrainStep:
     image_shape = tuple(setup["image_shape"])
     channels = image_shape[-1]
     config = recipe_config(batch_size)
-    self.tx = train.make_optimizer(config, steps_per_epoch=1000)
+    self.tx = train.make_training_optimizer(config, steps_per_epoch=1000)
     key = jax.random.key(seed)
     self.state = self.dp.put_replicated(
         train.create_train_state(self.model, self.tx, key, image_shape))

@@ -1,7 +1,7 @@
 """The benchmark: every method x scenario x seed, resumable cell by cell, aggregated over seeds.
 
 ``run_benchmark(config, workdir)`` reuses one original and one Retrain model per seed and split
-(under ``workdir/models``, shared with :mod:`megu_jax.experiment`), writes each finished method's
+(under ``workdir/models``, shared with :mod:`megu_jax.harness.experiment`), writes each finished method's
 result as its own file ``workdir/cells/<scenario>_<what>_seed<s>/methods/<method>.json``
 (atomically), and
 skips those on a rerun: a killed benchmark continues where it stopped. At the end it writes
@@ -19,10 +19,10 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from megu_jax import experiment
+from megu_jax.harness import experiment
 from megu_jax import io_utils
 from megu_jax import metrics
-from megu_jax import reporting
+from megu_jax.harness import reporting
 
 logger = logging.getLogger(__name__)
 

@@ -27,13 +27,12 @@ from megu_jax import io_utils
 from megu_jax import metrics
 from megu_jax import oracles
 from megu_jax import parallel
-from megu_jax import plotting
-from megu_jax import reporting
+from megu_jax.harness import plotting
+from megu_jax.harness import reporting
 from megu_jax import splits
 from megu_jax import train
 from megu_jax import transition
 from megu_jax import unlearning
-from megu_jax.oracles import offline
 
 REFERENCE_METHODS = ("original", "retrain")
 
@@ -101,42 +100,46 @@ def _train_reference(config, directory, dataset, retrain: bool) -> tuple[train.T
 
 
 def resolve_transition(config, dataset: datasets.Dataset, original: train.Trained,
-                       retain_positions: np.ndarray, workdir: str) -> tuple[np.ndarray, dict]:
-  """T from ``config.transition`` (a .npy path) or built with ``config.transition_oracle``.
+                       workdir: str) -> tuple[np.ndarray, dict]:
+  """T from ``config.megu.transition``: a .npy path, or an offline oracle built here.
 
-  A built T is saved to ``workdir/transition.npy`` (with provenance JSON); returns the host array
-  and ``{"path", "oracle", "transition_s"}``.
+  The prototype oracle reads the original model's features of every training image (the
+  forgotten class included: it is the row being asked about; nothing from the test set). A built
+  T is saved to ``workdir/transition.npy`` (with provenance JSON), so that every method of the
+  run, MeGU included, uses this one. Returns the host array and ``{"path", "oracle",
+  "transition_s"}``.
   """
   start = time.perf_counter()
-  if config.transition:
-    matrix = np.asarray(transition.load_transition(config.transition, dataset.num_classes))
-    return matrix, {"path": config.transition, "oracle": "file",
-                    "transition_s": time.perf_counter() - start}
-  oracle = config.transition_oracle
-  if oracle == "prototype":
-    # Class means of the original model's features over the whole training set: the forgotten
-    # class included (it is the row being asked about), nothing from the test set.
+  settings = config.megu
+  source = str(settings.transition)
+  if transition.is_transition_file(source):
+    matrix = transition.build_transition(source, dataset.num_classes)
+    return matrix, {"path": source, "oracle": "file", "transition_s": time.perf_counter() - start}
+  features = None
+  if source == "prototype":
     features = train.predict(original, dataset.train_images, config.eval_batch_size)["features"]
-    scores = offline.prototype_scores(features, dataset.train_labels, dataset.num_classes)
-  elif oracle == "hierarchy":
-    if dataset.superclass_of is None:
-      raise ValueError(f"config.transition_oracle='hierarchy' needs a class grouping; "
-                       f"{dataset.name} at this label level has none")
-    scores = offline.hierarchy_scores(dataset.superclass_of)
-  elif oracle == "uniform":
-    scores = offline.uniform_scores(dataset.num_classes)
-  else:
-    raise ValueError(f"config.transition_oracle={oracle!r}: the main job builds T offline with "
-                     "'prototype', 'hierarchy' or 'uniform'; build a Gemini T with "
-                     "experiments.build_transition and pass it as --config.transition=PATH")
-  matrix = transition.scores_to_transition(scores, temperature=config.transition_temperature,
-                                           top_k=config.transition_top_k or None)
+  try:
+    matrix = transition.build_transition(
+        source, dataset.num_classes, temperature=settings.temperature, top_k=settings.top_k,
+        features=features, feature_labels=dataset.train_labels,
+        superclass_of=dataset_grouping(config, dataset))
+  except ValueError as error:
+    raise ValueError(f"config.megu.transition={source!r}: {error}") from error
   path = os.path.join(workdir, "transition.npy")
   transition.save_transition(path, matrix, {
-      "oracle": oracle, "model": None, "prompt_hash": None,
-      "class_names": list(dataset.class_names), "temperature": config.transition_temperature,
-      "top_k": config.transition_top_k or None})
-  return matrix, {"path": path, "oracle": oracle, "transition_s": time.perf_counter() - start}
+      "oracle": source, "model": None, "prompt_hash": None,
+      "class_names": list(dataset.class_names), "temperature": settings.temperature,
+      "top_k": settings.top_k or None})
+  return matrix, {"path": path, "oracle": source, "transition_s": time.perf_counter() - start}
+
+
+def dataset_grouping(config, dataset: datasets.Dataset) -> tuple[int, ...]:
+  """``config.megu.superclass_of`` when given, else the data set's own grouping (or ())."""
+  if len(config.megu.superclass_of):
+    return tuple(int(g) for g in config.megu.superclass_of)
+  if dataset.superclass_of is None:
+    return ()
+  return tuple(int(g) for g in dataset.superclass_of)
 
 
 def validate_before_compute(config: ml_collections.ConfigDict) -> tuple[datasets.Dataset,
@@ -147,10 +150,17 @@ def validate_before_compute(config: ml_collections.ConfigDict) -> tuple[datasets
   train.validate_config(config, parallel.DataParallel(config.parallel))
   dataset = train.load_config_dataset(config)
   split = train.split_from_config(config, dataset)
-  if config.transition:
-    transition.load_transition(config.transition, dataset.num_classes)
-  elif config.transition_oracle not in ("prototype", "hierarchy", "uniform"):
-    oracles.get_oracle(config.transition_oracle)  # unknown names list the valid ones
+  source = str(config.megu.transition)
+  if transition.is_transition_file(source):
+    transition.load_transition(source, dataset.num_classes)
+  elif source not in transition.OFFLINE_ORACLES:
+    oracles.get_oracle(source)  # unknown names list the valid ones
+    raise ValueError(f"config.megu.transition={source!r}: the main job builds T offline with "
+                     f"one of {transition.OFFLINE_ORACLES}; build a Gemini T with "
+                     "experiments.build_transition and pass it as --config.megu.transition=PATH")
+  elif source == "hierarchy" and not dataset_grouping(config, dataset):
+    raise ValueError(f"config.megu.transition='hierarchy' needs a class grouping; "
+                     f"{dataset.name} at this label level has none")
   return dataset, split, methods
 
 
@@ -186,12 +196,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, models_root: str | 
   dirs = model_dirs(config, models_root or os.path.join(workdir, "models"))
   original, original_final = _train_reference(config, dirs["original"], dataset, retrain=False)
   retrained, retrain_final = _train_reference(config, dirs["retrain"], dataset, retrain=True)
-  matrix, transition_info = resolve_transition(config, dataset, original, split.retain_train,
-                                               workdir)
+  matrix, transition_info = resolve_transition(config, dataset, original, workdir)
   method_config = copy.deepcopy(config)
   with method_config.unlocked():
-    if "megu" in method_config:
-      method_config.megu.transition = transition_info["path"]
+    method_config.megu.transition = transition_info["path"]
+    # The grouping is the data set's to give: the methods know no data set names.
+    method_config.megu.superclass_of = dataset_grouping(config, dataset)
   return Setting(
       config=config, method_config=method_config, dataset=dataset, split=split,
       original=original, original_final=original_final, retrained=retrained,

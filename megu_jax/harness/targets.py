@@ -1,6 +1,6 @@
 """Is a method close enough to Retrain? The MeGU issue's targets, checked on a benchmark's output.
 
-The targets are margins around Retrain, the model that never saw the forgotten data (method.md
+The targets are margins around Retrain, the model that never saw the forgotten data (docs/method.md
 section 4): Df at most 2 points above Retrain's, Dr at least Retrain's minus 1, the membership
 score (``mia_entropy_lr``) within 5 points of Retrain's, related-class accuracy at least Retrain's
 minus 2, avg gap at most 2 points, and the method's time at most 10 % of Retrain's training time.
@@ -11,7 +11,7 @@ initialisation and batch order (the forgotten set is the class), so that is how 
 Retrain would land from the first: where it exceeds a margin, the margin is tighter than Retrain
 can reproduce itself. (In the random scenario the seed also redraws the forgotten samples.)
 
-``check_targets(benchmark)`` reads ``benchmark.json``'s content (:mod:`megu_jax.benchmark`);
+``check_targets(benchmark)`` reads ``benchmark.json``'s content (:mod:`megu_jax.harness.benchmark`);
 ``targets_markdown`` renders one row per scenario. ``experiments/check_targets.py`` is the command.
 """
 from __future__ import annotations

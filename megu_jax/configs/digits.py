@@ -1,10 +1,10 @@
 r"""scikit-learn's bundled 8x8 digits with a tiny CNN: seconds to train, for tests and smoke runs.
 
-  python -m experiments.train --config=experiments/configs/digits.py --workdir=/tmp/digits
+  python -m experiments.train --config=megu_jax/configs/digits.py --workdir=/tmp/digits
 """
 import ml_collections
 
-from experiments.configs import fashion_mnist
+from megu_jax.configs import fashion_mnist
 from megu_jax.unlearning import finetune
 from megu_jax.unlearning import random_label
 from megu_jax.unlearning import salun
@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.forget = "3"
   config.forget_size = 20
   config.progress = False
-  # method.md's baseline settings, not Fashion-MNIST's adjustments (alpha = 100 is tuned for its
+  # docs/method.md's baseline settings, not Fashion-MNIST's adjustments (alpha = 100 is tuned for its
   # CNN; its one-epoch caps are relative to its 4-epoch recipe): digits passes cost milliseconds.
   config.ssd = ssd.default_ssd_config()
   config.finetune = finetune.default_finetune_config()

@@ -25,6 +25,7 @@ from absl import flags
 from absl import logging
 
 from megu_jax import interruption
+from megu_jax import xla_cpu
 from megu_jax.oracles import gemini
 
 EXIT_FAILED = 1
@@ -102,7 +103,12 @@ def verbose() -> bool:
 
 
 def run(main: Callable[[], Any]) -> None:
-  """Runs ``main()`` as a command: absl flags, stop signals, failures as one line; exits."""
+  """Runs ``main()`` as a command: absl flags, stop signals, failures as one line; exits.
+
+  First of all it applies the XLA:CPU settings (:mod:`megu_jax.xla_cpu`), before JAX's backend
+  starts.
+  """
+  xla_cpu.apply_cpu_defaults()
 
   def wrapped(argv: list[str]) -> int:
     if len(argv) > 1:

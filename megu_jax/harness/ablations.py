@@ -1,6 +1,6 @@
-"""MeGU's ablations (method.md section 2, item 6) against Retrain, on one split.
+"""MeGU's ablations (docs/method.md §2, step 6) against Retrain, on one split.
 
-  python -m experiments.ablations --config=experiments/configs/fashion_mnist.py \
+  python -m experiments.ablations --config=megu_jax/configs/fashion_mnist.py \
       --workdir=runs/ablations [--config.seeds=3] [--gemini=transitions/fashion_mnist_gemini.npy]
 
 Variants: the noise pair (none / negative only / positive only / both), the source of T (uniform,
@@ -15,10 +15,10 @@ import os
 
 import tqdm
 
-from megu_jax import experiment
+from megu_jax.harness import experiment
 from megu_jax import io_utils
 from megu_jax import metrics
-from megu_jax import reporting
+from megu_jax.harness import reporting
 
 def variants(gemini_path: str | None) -> dict[str, dict]:
   """Name -> the ``config.megu`` fields it changes (the default is the first, unchanged)."""

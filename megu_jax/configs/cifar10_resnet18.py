@@ -3,10 +3,10 @@ r"""CIFAR-10, ResNet-18 (CIFAR form), the SSD benchmark's recipe: for a GPU mach
 Needs CIFAR-10 prepared for tfds in array_record format under DATA_DIR (no download at run time):
   tfds build cifar10 --data_dir=DATA_DIR --file_format=array_record
 Train the original model:
-  python -m experiments.train --config=experiments/configs/cifar10_resnet18.py \
+  python -m experiments.train --config=megu_jax/configs/cifar10_resnet18.py \
     --workdir=runs/cifar10 --config.data_dir=DATA_DIR
 Random forgetting (the SSD protocol's CIFAR-10 scenario):
-  python -m experiments.unlearn --config=experiments/configs/cifar10_resnet18.py \
+  python -m experiments.unlearn --config=megu_jax/configs/cifar10_resnet18.py \
     --workdir=runs/cifar10_random --config.data_dir=DATA_DIR
 
 Not run on this project's CPU machines (a full-width ResNet-18 trains at ~27 images/s there); no
@@ -14,7 +14,7 @@ result is claimed for it yet. ``:quick`` shrinks it to a narrow net and one epoc
 """
 import ml_collections
 
-from experiments.configs import fashion_mnist
+from megu_jax.configs import fashion_mnist
 from megu_jax.unlearning import megu
 
 

@@ -1,0 +1,200 @@
+"""MeGU's settings: every choice of docs/method.md §2 as a field of ``config.megu``, and its checks.
+
+The defaults are the settings that measured closest to Retrain; the measurements behind them are
+in docs/tuning.md (retired protocol) and docs/results.md.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+import numpy as np
+
+from megu_jax import noise as noise_lib
+from megu_jax import train
+from megu_jax import transition as transition_lib
+from megu_jax.unlearning.base import (FINETUNING_OPTIMIZERS, FINETUNING_SCHEDULES,
+                                      UnlearningInputError, check_choice, check_positive,
+                                      method_settings, num_classes_of)
+
+NOISE_SCHEDULES = ("before", "alternating")
+NOISE_PER = ("class", "sample", "auto")
+LABEL_MODES = ("sample", "argmax")
+LABEL_GUIDANCE = ("transition", "transition_x_model")
+FORGET_TARGETS = ("label", "distribution")
+
+
+class MissingTransitionFileError(UnlearningInputError, FileNotFoundError):
+  """``config.megu.transition`` names a .npy file that does not exist."""
+
+
+def default_megu_config() -> ml_collections.ConfigDict:
+  """Every choice of docs/method.md §2 with its default; attach it as ``config.megu``."""
+  c = ml_collections.ConfigDict()
+  # --- the transition matrix and the perturbing labels ---
+  c.transition = "prototype"   # path to a .npy T, or an offline oracle: prototype|hierarchy|uniform
+  c.temperature = 1.0          # τ on the oracles' 0..10 scale (1.0 here = 0.1 on raw cosine)
+  c.top_k = 0                  # keep the k most similar classes per row; 0 keeps all
+  c.label_mode = "sample"      # sample: ỹ ~ Categorical(row); argmax: the most likely other class
+  # label: the finetuning CE on forget images targets ỹ. distribution: it targets the whole row
+  # ỹ is drawn from (after the guidance below); ỹ then only picks each sample's δ⁺.
+  c.forget_target = "label"
+  # transition: row = T[y]. transition_x_model: row ∝ T[y] · p_θ₀(·|x)^(1/guidance_temperature),
+  # the original model's opinion of where this image would go (own class excluded): each image
+  # gets a label it can be fitted to, as a model that never saw the class would send it.
+  c.label_guidance = "transition_x_model"
+  c.guidance_temperature = 0.5  # between under-confident sampling (1) and over-confident argmax
+  # Sub-class and random forgetting only (see own_class_weight()): the row becomes
+  # (1 − w)·T[y] + w·e_y before the guidance, so a sample may keep its label.
+  c.own_class_weight = 0.5
+  c.prototype_samples_per_class = 500  # images per class whose features make the prototypes
+  c.superclass_of = ()         # hierarchy oracle: class -> group (the main job fills it in)
+  # --- the noise pair ---
+  c.activation = "features"    # which of model.activation_names carries the noise
+  c.noise = "both"             # both | negative | positive | none (ablations)
+  c.noise_per = "auto"         # class | sample | auto (= sample for the random scenario)
+  c.negative_weight = 0.1      # λ⁻
+  c.positive_weight = 0.1      # λ⁺
+  c.noise_steps = 100
+  c.negative_learning_rate = 0.1   # Adam
+  c.positive_learning_rate = 0.1   # Adam
+  c.noise_schedule = "before"  # before: noise first, then finetune; alternating: one noise step
+  #                              before every finetuning step, on the current θ
+  # --- finetuning ---
+  c.forget_weight = 1.0        # weight of the perturbed forget CE
+  c.retain_weight = 1.0        # β
+  c.kl_weight = 0.0            # α: KL(f_θ₀ ‖ f_θ) on retain images (> 0 keeps the class alive)
+  # μ: without it the noise pair does part of the forgetting for θ and the clean model ends up
+  # less confident on forgotten images than a model that never saw them.
+  c.align_weight = 1.0
+  c.steps = 50
+  c.epochs = 0.0               # > 0: steps = ceil(epochs * |D_f| / forget_batch_size) instead
+  c.optimizer = "sgd"          # sgd | adam
+  c.learning_rate = 0.04
+  c.momentum = 0.9             # sgd only
+  c.weight_decay = 0.0
+  c.max_grad_norm = 2.0        # clip the gradient's global norm (full finetuning); 0 = no clip
+  # Train only the stages after this activation ("" trains all): the stages up to it keep θ₀,
+  # and a step skips their backward pass. Must come before ``activation``; no weight decay.
+  c.freeze_through = ""
+  c.schedule = "cosine"        # cosine | constant
+  c.forget_batch_size = 128
+  c.retain_batch_size = 128
+  c.retain_subset_size = 0     # draw retain batches from this many retain images; 0 = all
+  # Random (sample-level) forgetting: these fields replace the ones above. A hundred samples'
+  # batches revisited for every step dominate a full-weight update, so MeGU does little here.
+  c.random_scenario = ml_collections.ConfigDict(
+      {"forget_weight": 0.1, "learning_rate": 0.01, "noise": "none"})
+  return c
+
+
+def megu_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config.megu`` over the defaults, then ``random_scenario`` in the random scenario.
+
+  An unknown field (also inside ``random_scenario``) fails, listing the known ones.
+  """
+  settings = method_settings(config, "megu", default_megu_config())
+  overrides = settings.random_scenario
+  unknown = sorted(set(overrides.keys()) - set(settings.keys()))
+  if unknown:
+    raise UnlearningInputError(
+        f"config.megu.random_scenario has unknown field(s) {unknown}; known fields: "
+        f"{sorted(k for k in settings.keys() if k != 'random_scenario')}")
+  if config.get("scenario") == "random":
+    for field, value in overrides.items():
+      settings[field] = value
+  return settings
+
+
+def validate_settings(settings: ml_collections.ConfigDict, trained: train.Trained,
+                      num_devices: int) -> None:
+  """Every field checked before any compute; a bad one raises naming it and what is allowed."""
+  f = lambda name: f"config.megu.{name}"
+  names = tuple(trained.model.activation_names)
+  check_choice(f("activation"), settings.activation, names)
+  if settings.freeze_through:
+    check_choice(f("freeze_through"), settings.freeze_through, ("",) + names)
+    if names.index(settings.freeze_through) >= names.index(settings.activation):
+      raise UnlearningInputError(
+          f"{f('freeze_through')}={settings.freeze_through!r} must come before "
+          f"{f('activation')}={settings.activation!r} in {names}: the noisy activation has to "
+          "be produced by trained stages")
+    if settings.weight_decay:
+      raise UnlearningInputError(
+          f"{f('weight_decay')}={settings.weight_decay} would shrink the frozen stages "
+          f"(up to {settings.freeze_through!r}) too; set it to 0 or freeze_through=''")
+  check_choice(f("noise"), settings.noise, noise_lib.NOISE_MODES)
+  check_choice(f("noise_per"), settings.noise_per, NOISE_PER)
+  check_choice(f("noise_schedule"), settings.noise_schedule, NOISE_SCHEDULES)
+  check_choice(f("optimizer"), settings.optimizer, FINETUNING_OPTIMIZERS)
+  check_choice(f("schedule"), settings.schedule, FINETUNING_SCHEDULES)
+  check_choice(f("label_mode"), settings.label_mode, LABEL_MODES)
+  check_choice(f("label_guidance"), settings.label_guidance, LABEL_GUIDANCE)
+  check_choice(f("forget_target"), settings.forget_target, FORGET_TARGETS)
+  if not 0.0 <= settings.own_class_weight < 1.0:
+    raise UnlearningInputError(f"{f('own_class_weight')}={settings.own_class_weight!r} must be "
+                               "in [0, 1)")
+  for name in ("negative_weight", "positive_weight", "forget_weight", "retain_weight",
+               "kl_weight", "align_weight", "weight_decay", "momentum", "epochs",
+               "max_grad_norm"):
+    check_positive(f(name), settings[name], allow_zero=True)
+  for name in ("temperature", "guidance_temperature", "learning_rate", "negative_learning_rate",
+               "positive_learning_rate"):
+    check_positive(f(name), settings[name])
+  for name in ("steps", "noise_steps", "top_k", "retain_subset_size",
+               "prototype_samples_per_class", "forget_batch_size", "retain_batch_size"):
+    value = settings[name]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+      raise UnlearningInputError(f"{f(name)}={value!r} must be an integer >= 0")
+  if settings.steps == 0 and settings.epochs == 0:
+    raise UnlearningInputError(f"{f('steps')} and {f('epochs')} are both 0: nothing would run")
+  for name in ("forget_batch_size", "retain_batch_size"):
+    if settings[name] == 0 or settings[name] % num_devices:
+      raise UnlearningInputError(
+          f"{f(name)}={settings[name]} must be a positive multiple of the device count "
+          f"({num_devices})")
+  if settings.prototype_samples_per_class == 0:
+    raise UnlearningInputError(f"{f('prototype_samples_per_class')} must be >= 1")
+  num_classes = num_classes_of(trained)
+  if settings.top_k and settings.top_k > num_classes - 1:
+    raise UnlearningInputError(
+        f"{f('top_k')}={settings.top_k} must be at most {num_classes - 1} for {num_classes} "
+        "classes (0 keeps all)")
+  source = str(settings.transition)
+  if transition_lib.is_transition_file(source):
+    # Loading validates size and content: a wrong T fails here, before any compute.
+    if not os.path.exists(source):
+      raise MissingTransitionFileError(
+          f"config.megu.transition={source!r}: no transition matrix at that path (give a .npy "
+          f"file or one of the offline oracles {transition_lib.OFFLINE_ORACLES})")
+    transition_lib.load_transition(source, num_classes)
+  elif source == "hierarchy":
+    groups = np.asarray(settings.superclass_of, np.int32)
+    if groups.shape != (num_classes,):
+      raise UnlearningInputError(
+          f"config.megu.transition='hierarchy' needs config.megu.superclass_of, the group of each "
+          f"of the {num_classes} classes (the main job fills in the data set's own grouping); "
+          f"it has {groups.size} entries")
+  elif source not in transition_lib.OFFLINE_ORACLES:
+    raise UnlearningInputError(
+        f"{f('transition')}={source!r} is neither a .npy file nor an offline oracle "
+        f"{transition_lib.OFFLINE_ORACLES} (build a gemini T with the gemini oracle and pass its "
+        ".npy path)")
+
+
+def own_class_weight(settings, config) -> float:
+  """How much a forget sample's own label stays a candidate ỹ.
+
+  Full-class forgetting: none, the class is gone. Sub-class and random forgetting: the label
+  lives on in D_r (Sandal and Ankle boot stay footwear; other shirts stay shirts), so a model
+  that never saw the forgotten samples still gives many of them their label -- Retrain does.
+  """
+  if config.get("scenario") in ("sub_class", "random"):
+    return float(settings.own_class_weight)
+  return 0.0
+
+
+def noise_rows_per_sample(settings, config) -> bool:
+  if settings.noise_per == "auto":
+    return config.get("scenario") == "random"
+  return settings.noise_per == "sample"

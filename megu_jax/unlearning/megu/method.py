@@ -1,0 +1,242 @@
+"""The MeGU method: machine guidance, then the noise phase and the finetuning (docs/method.md §2).
+
+``megu(trained, forget_data, retain_data, config, key)`` is registered as ``"megu"`` with the
+signature every method shares (:mod:`megu_jax.unlearning.base`); its settings are ``config.megu``
+(:mod:`.config`). The order of work:
+
+1. **Machine guidance** (:func:`machine_guidance`, once): one pass of the original model over the
+   forget images; T from ``config.megu.transition`` (:func:`megu_jax.transition.build_transition`);
+   one perturbing label per forget sample (:mod:`.labels`).
+2. **Noise pair**: δ⁻ per target class (or per sample), δ⁺ per perturbing class, optimised with θ
+   frozen (:mod:`.steps`, :mod:`megu_jax.noise`), before finetuning or alternating with it.
+3. **Finetuning** θ on forget and retain batches:
+       L = w_f·CE(h(g(x_f) + δ⁻ + δ⁺), ỹ) + β·CE(f(x_r), y_r) + α·KL(f_θ₀(x_r) ‖ f_θ(x_r))
+           + μ·mean (g_θ(x_f) − sg(g_θ₀(x_f) + δ⁻ + δ⁺))².
+   No noise at test time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from megu_jax import noise as noise_lib
+from megu_jax import parallel
+from megu_jax import train
+from megu_jax import transition as transition_lib
+from megu_jax.unlearning import register
+from megu_jax.unlearning.base import (UnlearnData, balanced_subset, check_data, host_copy,
+                                      make_finetuning_optimizer, num_classes_of, row_stream,
+                                      run_phase)
+from megu_jax.unlearning.megu.config import (megu_settings, noise_rows_per_sample,
+                                                 own_class_weight, validate_settings)
+from megu_jax.unlearning.megu.labels import draw_perturbing_labels, guided_distribution
+from megu_jax.unlearning.megu.steps import (MeguState, make_finetune_step, make_noise_step,
+                                                noise_optimizers)
+
+
+# --- host side: batches ---------------------------------------------------------------------------
+def _forget_batches(rng, forget_data, perturbing, batch_size, num_steps, per_row=None, *,
+                    with_images=True):
+  """Forget batches; ``per_row`` maps more batch keys to per-forget-sample arrays.
+
+  ``with_images=False`` leaves the images out, for a step that reads only what ``per_row`` holds
+  (the activations the guidance pass computed): nothing unused is copied to the devices.
+  """
+  rows = row_stream(rng, len(forget_data), batch_size * num_steps).reshape(num_steps, batch_size)
+  for step_rows in rows:
+    batch = {"forget_label": forget_data.labels[step_rows],
+             "forget_perturbing": perturbing[step_rows],
+             "forget_row": step_rows.astype(np.int32)}
+    if with_images:
+      batch["forget_image"] = forget_data.images[step_rows]
+    for name, values in (per_row or {}).items():
+      batch[name] = values[step_rows]
+    yield batch
+
+
+def _retain_batches(rng, retain_rows, retain_data, batch_size, num_steps):
+  rows = retain_rows[row_stream(rng, len(retain_rows), batch_size * num_steps)]
+  for step_rows in rows.reshape(num_steps, batch_size):
+    yield {"retain_image": retain_data.images[step_rows],
+           "retain_label": retain_data.labels[step_rows]}
+
+
+class Guidance(NamedTuple):
+  """What ``machine_guidance`` decides before any finetuning."""
+  transition: np.ndarray               # [K, K] float64 T
+  perturbing_labels: np.ndarray        # int32 [N_f]: ỹ of every forget sample
+  retain_rows: np.ndarray              # int [R]: the rows of retain_data batches come from
+  # The original model's activations of the forget images by name, when that pass was needed
+  # (else empty): "features" [N_f, D], and the output of freeze_through when set.
+  forget_activations: dict[str, np.ndarray]
+  forget_targets: np.ndarray | None    # float32 [N_f, K] for forget_target="distribution"
+
+
+def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnData,
+                     config: ml_collections.ConfigDict, key: jax.Array,
+                     rng: np.random.Generator | None = None,
+                     dp: parallel.DataParallel | None = None,
+                     timings: dict | None = None) -> Guidance:
+  """What MeGU decides before any finetuning (a :class:`Guidance`): T, the perturbing labels,
+  the retain rows, and what the original model's pass over the forget images left for the steps.
+
+  Public so that a report can show (e.g. plot) exactly the T that a run used. ``timings`` (if
+  given) receives the ``compile_s`` of the forward pass and of the label draw, when this call
+  compiles them.
+  """
+  settings = megu_settings(config)
+  dp = dp or parallel.DataParallel(config.get("parallel", "mesh"))
+  rng = rng or np.random.default_rng(0)
+  num_classes = num_classes_of(trained)
+  retain_rows = np.arange(len(retain_data))
+  if settings.retain_subset_size and settings.retain_subset_size < len(retain_data):
+    retain_rows = np.sort(rng.choice(len(retain_data), settings.retain_subset_size,
+                                     replace=False))
+  need_prototypes = str(settings.transition) == "prototype"
+  need_guidance = settings.label_guidance == "transition_x_model"
+  features = feature_labels = forget_logits = None
+  forget_activations = {}
+  noise_first = settings.noise != "none" and settings.noise_schedule == "before"
+  prefix = (settings.freeze_through,) if settings.freeze_through else ()
+  if (need_prototypes or need_guidance or settings.align_weight > 0 or noise_first
+      or settings.freeze_through):
+    # One pass of the original model over the forget images (and, for the prototypes, a
+    # class-balanced retain sample): far cheaper than scoring the whole training set.
+    forget_out = train.predict(trained, forget_data.images, 1000, dp, timings, prefix)
+    forget_logits = forget_out["logits"]
+    forget_activations = {name: forget_out[name] for name in ("features",) + prefix}
+    if need_prototypes:
+      per_class = settings.prototype_samples_per_class
+      prototype_rows = retain_rows[balanced_subset(rng, retain_data.labels[retain_rows],
+                                                    per_class)]
+      forget_rows = balanced_subset(rng, forget_data.labels, per_class)
+      retain_features = train.predict(trained, retain_data.images[prototype_rows], 1000,
+                                      dp, timings)["features"]
+      features = np.concatenate([forget_out["features"][forget_rows], retain_features])
+      feature_labels = np.concatenate([forget_data.labels[forget_rows],
+                                       retain_data.labels[prototype_rows]])
+  T = transition_lib.build_transition(
+      settings.transition, num_classes, temperature=settings.temperature, top_k=settings.top_k,
+      features=features, feature_labels=feature_labels, superclass_of=settings.superclass_of)
+  guidance = dict(original_logits=forget_logits if need_guidance else None,
+                  guidance_temperature=settings.guidance_temperature,
+                  own_class_weight=own_class_weight(settings, config), timings=timings)
+  perturbing = draw_perturbing_labels(key, T, forget_data.labels, forget_data.indices,
+                                      mode=settings.label_mode, **guidance)
+  targets = None
+  if settings.forget_target == "distribution":
+    targets = guided_distribution(T, forget_data.labels, **guidance)
+  return Guidance(T, perturbing, retain_rows, forget_activations, targets)
+
+
+# --- the method ----------------------------------------------------------------------------------
+@register("megu")
+def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnData,
+         config: ml_collections.ConfigDict, key: jax.Array, *,
+         timings: dict | None = None, diagnostics: dict | None = None) -> train.Trained:
+  """Unlearns ``forget_data`` from ``trained`` with MeGU; settings in ``config.megu``.
+
+  ``timings`` (if given) receives, in seconds, ``transition_s`` (features, T, perturbing labels),
+  ``noise_s`` (the noise phase), ``finetune_s`` and ``compile_s`` (first call of each compiled
+  step, of the guidance pass's forward and of the label draw, when this process compiles them).
+  ``diagnostics`` (if given) receives ``transition`` (T), ``perturbing_labels`` and the last
+  ``noise_metrics`` / ``finetune_metrics``.
+  """
+  timings = {} if timings is None else timings
+  dp = parallel.DataParallel(config.get("parallel", "mesh"))
+  settings = megu_settings(config)
+  validate_settings(settings, trained, dp.num_devices)
+  check_data(trained, forget_data, retain_data)
+  num_classes = num_classes_of(trained)
+  per_sample = noise_rows_per_sample(settings, config)
+  label_key, batch_key, step_key = jax.random.split(key, 3)
+  rng = np.random.default_rng(int(jax.random.randint(batch_key, (), 0, np.iinfo(np.int32).max)))
+
+  # 1-2. Transition matrix and perturbing labels: the "machine guidance", computed once.
+  start = time.perf_counter()
+  compile_before = timings.get("compile_s", 0.0)
+  T, perturbing, retain_rows, forget_activations, forget_targets = machine_guidance(
+      trained, forget_data, retain_data, config, label_key, rng, dp, timings)
+  timings["transition_s"] = (time.perf_counter() - start
+                             - (timings.get("compile_s", 0.0) - compile_before))
+  if diagnostics is not None:
+    diagnostics.update(transition=T, perturbing_labels=perturbing)
+
+  # 3-4. Noise pair and finetuning, in pure jitted steps.
+  steps = settings.steps
+  if settings.epochs > 0:
+    steps = math.ceil(settings.epochs * len(forget_data) / settings.forget_batch_size)
+  tx = make_finetuning_optimizer(settings, steps)
+  negative_tx, positive_tx = noise_optimizers(settings)
+  activation_shape = _activation_shape(trained, settings.activation, forget_data.images[:1])
+  noise_state = noise_lib.init_noise(activation_shape,
+                                     len(forget_data) if per_sample else num_classes,
+                                     num_classes, negative_tx, positive_tx)
+  # Host copies: the steps donate their state, and θ and θ₀ must be distinct buffers that are
+  # not the caller's (``trained`` stays usable after the call).
+  state = MeguState(step=jnp.zeros((), jnp.int32), params=host_copy(trained.state.params),
+                    opt_state=tx.init(host_copy(trained.state.params)), noise=noise_state,
+                    original_params=host_copy(trained.state.params),
+                    batch_stats=host_copy(trained.state.batch_stats))
+  state = dp.put_replicated(state)
+  noise_key, finetune_key = jax.random.split(step_key)
+
+  # What the guidance pass already computed per forget image: g_θ₀(x_f) at the noisy activation
+  # (the noise phase's input, the alignment target) and the frozen prefix's output.
+  original_activation = forget_activations.get(settings.activation)
+  has_original = original_activation is not None
+  finetune_per_row = {}
+  if has_original and settings.align_weight > 0:
+    finetune_per_row["forget_original_activation"] = original_activation
+  if settings.freeze_through in forget_activations:
+    finetune_per_row["forget_prefix"] = forget_activations[settings.freeze_through]
+  if forget_targets is not None:
+    finetune_per_row["forget_target"] = forget_targets
+
+  timings.setdefault("noise_s", 0.0)
+  if settings.noise != "none" and settings.noise_schedule == "before" and settings.noise_steps:
+    noise_step = dp.compile_step(make_noise_step(trained.model, settings, mean=trained.mean,
+                                                 std=trained.std, per_sample=per_sample))
+    batches = (dp.put_batch(b) for b in _forget_batches(
+        rng, forget_data, perturbing, settings.forget_batch_size, settings.noise_steps,
+        {"forget_original_activation": original_activation} if has_original else None,
+        with_images=not has_original))
+    state, noise_metrics = run_phase(noise_step, state, batches, noise_key, "noise_s", timings)
+    if diagnostics is not None:
+      diagnostics["noise_metrics"] = noise_metrics
+
+  finetune_step = dp.compile_step(make_finetune_step(
+      trained.model, tx, settings, mean=trained.mean, std=trained.std, per_sample=per_sample,
+      update_noise=settings.noise != "none" and settings.noise_schedule == "alternating"))
+  batches = (dp.put_batch({**f, **r}) for f, r in zip(
+      _forget_batches(rng, forget_data, perturbing, settings.forget_batch_size, steps,
+                      finetune_per_row, with_images="forget_prefix" not in finetune_per_row),
+      _retain_batches(rng, retain_rows, retain_data, settings.retain_batch_size, steps)))
+  state, last_metrics = run_phase(finetune_step, state, batches, finetune_key, "finetune_s",
+                                   timings)
+  if diagnostics is not None:
+    diagnostics["finetune_metrics"] = last_metrics
+  if last_metrics is not None and not np.isfinite(float(last_metrics["loss"])):
+    raise train.NonFiniteLossError(
+        f"megu: the finetuning loss is {float(last_metrics['loss'])} after {steps} steps; "
+        f"lower config.megu.learning_rate (now {settings.learning_rate}) or set "
+        "config.megu.max_grad_norm")
+
+  state = dp.get_replicated(state)
+  return dataclasses.replace(trained, state=trained.state.replace(params=state.params))
+
+
+def _activation_shape(trained: train.Trained, name: str, images: np.ndarray) -> tuple[int, ...]:
+  """The per-example shape of activation ``name``, from an abstract evaluation (no compute)."""
+  variables = {"params": trained.state.params, "batch_stats": trained.state.batch_stats}
+  x = jax.ShapeDtypeStruct((1,) + images.shape[1:], jnp.float32)
+  _, activations = jax.eval_shape(lambda v, x: trained.model.apply(v, x, train=False),
+                                  variables, x)
+  return tuple(activations[name].shape[1:])
