@@ -1,6 +1,6 @@
 r"""Training images per second on 1 and 2 devices, on the mesh and the pmap paths.
 
-  python -m experiments.bench_scaling               # writes benchmarks/scaling.json
+  python -m experiments.bench_scaling               # writes results/performance/scaling.json
 
 Each (path, devices) configuration runs in its own subprocess, because the device count of a CPU
 is fixed when JAX starts: the subprocess gets
@@ -28,7 +28,7 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Global images per step.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed block.")
 _REPETITIONS = flags.DEFINE_integer("repetitions", 3, "Timed blocks per configuration and round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Passes over all configurations.")
-_OUT = flags.DEFINE_string("out", "benchmarks/scaling.json", "Where to write the JSON.")
+_OUT = flags.DEFINE_string("out", "results/performance/scaling.json", "Where to write the JSON.")
 _WORKER = flags.DEFINE_string("worker", "", "Internal: MODEL,MODE,DEVICES to measure in-process.")
 
 

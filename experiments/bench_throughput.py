@@ -1,6 +1,6 @@
 r"""Training images per second: our jitted train step against the same step in PyTorch.
 
-  python -m experiments.bench_throughput            # writes benchmarks/throughput.json
+  python -m experiments.bench_throughput            # writes results/performance/throughput.json
 
 For the small CNN on 28x28 (the Fashion-MNIST default) and the narrow ResNet-18 on 32x32, batch
 128, float32: the project's train step (``train.make_train_step`` compiled by ``DataParallel`` on
@@ -34,7 +34,7 @@ _WARMUP = flags.DEFINE_integer("warmup_steps", 3, "Untimed steps after compilati
 _FIT_STEPS = flags.DEFINE_integer("fit_steps", 30, "Steps of the whole training loop (train.fit) "
                                   "to time after the step alone; 0 skips it.")
 _TORCH = flags.DEFINE_bool("torch", True, "Measure the PyTorch twins too (when torch imports).")
-_OUT = flags.DEFINE_string("out", "benchmarks/throughput.json", "Where to write the JSON.")
+_OUT = flags.DEFINE_string("out", "results/performance/throughput.json", "Where to write the JSON.")
 
 
 def _import_torch_reference():

@@ -6,7 +6,7 @@ Measure it here, every method and Retrain in this one process (minutes: Retrain 
 Or derive it from a finished (or partial) benchmark, without running anything:
   python -m experiments.bench_unlearning --from_benchmark=runs/benchmark
 
-Both write ``benchmarks/unlearning_cost.json``. ``time_s`` is a method's call without
+Both write ``results/performance/unlearning_cost.json``. ``time_s`` is a method's call without
 compilation (``compile_s``, its first-step compiles, is reported apart); ``relative_to_retrain``
 divides it by Retrain's training time in the same run (same cell of the benchmark), and
 ``relative_to_retrain_with_compile`` adds each one's compilation. MeGU's ``phases`` are its
@@ -35,7 +35,8 @@ _MODELS_ROOT = flags.DEFINE_string("models_root", None,
                                    "Run mode: trained models to reuse (default WORKDIR/models).")
 _FROM_BENCHMARK = flags.DEFINE_string("from_benchmark", None,
                                       "A benchmark workdir (experiments.benchmark) to read.")
-_OUT = flags.DEFINE_string("out", "benchmarks/unlearning_cost.json", "Where to write the JSON.")
+_OUT = flags.DEFINE_string("out", "results/performance/unlearning_cost.json",
+                           "Where to write the JSON.")
 
 
 def main(argv):

@@ -33,10 +33,10 @@ from typing import Any, Callable, Optional
 from absl import flags
 import numpy as np
 
-from megu_jax.harness import cli
 from megu_jax import io_utils
 from megu_jax import oracles
 from megu_jax import transition
+from megu_jax.harness import cli
 from megu_jax.oracles import gemini as gemini_lib
 
 LABEL_LEVELS = ("fine", "coarse")

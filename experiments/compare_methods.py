@@ -1,7 +1,6 @@
 r"""Side-by-side runs of methods and setting variants against Retrain, on already trained models.
 
-The tool behind the tuning tables in ``default_megu_config`` and the README: each ``--run`` is a
-method name, optionally followed by ``;section.field=value`` overrides (``section.sub.field``
+The tool behind the tuning tables of docs/tuning.md: each ``--run`` is a method name, optionally followed by ``;section.field=value`` overrides (``section.sub.field``
 inside a nested section), and prints its Dr, Df, MIA, related, probe, avg gap and time against
 Retrain. Trains or resumes the original and Retrain models under ``--models_root`` first (a
 benchmark's ``models/`` is reused).
@@ -9,6 +8,9 @@ benchmark's ``models/`` is reused).
   python -m experiments.compare_methods --scenario=full_class --forget=Shirt --seed=0 \
     --models_root=runs/benchmark/models --out=runs/compare.jsonl \
     --run=megu --run="megu;megu.guidance_temperature=1.0" --run="megu;megu.max_grad_norm=0"
+
+``--config`` (default: the Fashion-MNIST config) takes overrides as every command does, e.g.
+``--config.epochs=4 --config.train_subset=0`` for the retired recipe of docs/tuning.md.
 """
 import copy
 import dataclasses
@@ -17,10 +19,15 @@ import os
 
 from absl import flags
 from absl import logging
-from megu_jax.configs import fashion_mnist
+from ml_collections import config_flags
+
 from megu_jax.harness import cli
 from megu_jax.harness import experiment
 
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "megu_jax", "configs", "fashion_mnist.py"),
+    "Path to a config file.", lock_config=False)
 _SCENARIO = flags.DEFINE_enum("scenario", "full_class", ["full_class", "sub_class", "random"],
                               "What kind of forgetting.")
 _FORGET = flags.DEFINE_string("forget", "Shirt", "Class names, or the sample count for random.")
@@ -43,7 +50,7 @@ def _parse(value: str):
 
 def main():
   logging.set_verbosity(logging.WARNING)
-  config = fashion_mnist.get_config()
+  config = copy.deepcopy(_CONFIG.value)
   config.progress = False
   config.scenario, config.seed = _SCENARIO.value, _SEED.value
   if config.scenario == "random":

@@ -10,8 +10,8 @@ behaviour" lists them.
 from absl import flags
 from ml_collections import config_flags
 
-from megu_jax.harness import cli
 from megu_jax import train
+from megu_jax.harness import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)

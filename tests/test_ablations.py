@@ -1,8 +1,8 @@
 """The ablation script on digits: every variant changes one MeGU field; tables are written."""
 import json
 
-from megu_jax.harness import ablations
 from megu_jax.configs import digits as digits_config
+from megu_jax.harness import ablations
 
 
 def test_ablations_write_a_table_with_retrain_and_each_variant(tmp_path, monkeypatch):

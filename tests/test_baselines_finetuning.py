@@ -9,11 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from megu_jax.configs import digits as digits_config
 from megu_jax import metrics
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax import unlearning
+from megu_jax.configs import digits as digits_config
 from megu_jax.unlearning import base as base_lib
 from megu_jax.unlearning import neggrad_plus as neggrad_plus_lib
 from megu_jax.unlearning import random_label as random_label_lib

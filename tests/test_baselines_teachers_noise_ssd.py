@@ -11,11 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from megu_jax.configs import digits as digits_config
 from megu_jax import metrics
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax import unlearning
+from megu_jax.configs import digits as digits_config
 # Importing the modules registers their methods (until the package imports them itself).
 from megu_jax.unlearning import bad_teacher as bad_teacher_lib
 from megu_jax.unlearning import scrub as scrub_lib

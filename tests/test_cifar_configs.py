@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from megu_jax.configs import cifar10_resnet18
-from megu_jax.configs import cifar100_resnet18
-from megu_jax.configs import cifar20_resnet18
 from megu_jax import datasets
+from megu_jax.configs import cifar100_resnet18
+from megu_jax.configs import cifar10_resnet18
+from megu_jax.configs import cifar20_resnet18
 from megu_jax.harness import experiment
 
 # A consistent fine -> coarse map (5 fine classes per superclass), as real CIFAR-100 has.

@@ -28,15 +28,15 @@ import pytest
 from experiments import build_transition
 from megu_jax.configs import digits as digits_config
 from fake_gemini_server import Answer, FakeGeminiServer, Status, matrix_responder
-from megu_jax.harness import benchmark
 from megu_jax import checkpoints
-from megu_jax.harness import cli
 from megu_jax import datasets
-from megu_jax.harness import experiment
 from megu_jax import interruption
 from megu_jax import splits
 from megu_jax import train
 from megu_jax import transition
+from megu_jax.harness import benchmark
+from megu_jax.harness import cli
+from megu_jax.harness import experiment
 from megu_jax.oracles import gemini
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megu_jax.configs import digits as digits_config
 from megu_jax import datasets
 from megu_jax import metrics
 from megu_jax import noise as noise_lib
@@ -13,6 +12,7 @@ from megu_jax import splits
 from megu_jax import train
 from megu_jax import transition
 from megu_jax import unlearning
+from megu_jax.configs import digits as digits_config
 from megu_jax.unlearning import base as base_lib
 from megu_jax.unlearning import megu as megu_lib
 

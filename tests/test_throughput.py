@@ -11,13 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from megu_jax.configs import digits as digits_config
 from megu_jax import datasets
 from megu_jax import parallel
-from megu_jax.harness import throughput
 from megu_jax import train
-from megu_jax.harness import unlearning_cost
 from megu_jax import xla_cpu
+from megu_jax.configs import digits as digits_config
+from megu_jax.harness import throughput
+from megu_jax.harness import unlearning_cost
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

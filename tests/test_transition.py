@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from megu_jax import oracles
-from megu_jax.harness import plotting
 from megu_jax import transition
+from megu_jax.harness import plotting
 from megu_jax.oracles import offline
 
 FASHION_MNIST = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

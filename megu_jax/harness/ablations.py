@@ -15,9 +15,10 @@ import os
 
 import tqdm
 
-from megu_jax.harness import experiment
 from megu_jax import io_utils
 from megu_jax import metrics
+from megu_jax.harness import experiment
+from megu_jax.harness import provenance
 from megu_jax.harness import reporting
 
 def variants(gemini_path: str | None) -> dict[str, dict]:
@@ -65,7 +66,8 @@ def run(config, workdir: str, gemini_path: str | None) -> dict:
   bar.close()
   summary = {"dataset": config.dataset, "scenario": config.scenario, "forget": config.forget,
              "seeds": config.seeds, "variants": table,
-             "summary": {name: metrics.aggregate(results) for name, results in runs.items()}}
+             "summary": {name: metrics.aggregate(results) for name, results in runs.items()},
+             "provenance": provenance.record()}
   io_utils.atomic_write_json(os.path.join(workdir, "ablations.json"), summary)
   io_utils.atomic_write_text(os.path.join(workdir, "ablations.md"), markdown(summary))
   return summary

@@ -25,6 +25,7 @@ from megu_jax import io_utils
 from megu_jax import models
 from megu_jax import parallel
 from megu_jax import train
+from megu_jax.harness import provenance
 
 # The two architectures of issue 6: the Fashion-MNIST default and the narrow CIFAR ResNet-18.
 MODEL_SETUPS = {
@@ -164,6 +165,34 @@ def measure_fit_loop(setup: str | dict, *, batch_size: int = 128, steps: int = 4
           "compile_s": info["compile_s"], "steps": info["steps"]}
 
 
+def measure_group_fit(setup: str | dict, *, group_size: int, batch_size: int = 128,
+                      steps: int = 30, seed: int = 0) -> dict[str, Any]:
+  """Images per second of training ``group_size`` models at once (:mod:`megu_jax.ensemble_training`,
+  vmapped over a models axis) on synthetic data, counting every model's images."""
+  import tempfile  # noqa: PLC0415
+
+  from megu_jax import datasets  # noqa: PLC0415
+  from megu_jax import ensemble_training  # noqa: PLC0415
+  setup = MODEL_SETUPS[setup] if isinstance(setup, str) else setup
+  batches = synthetic_batches(steps, batch_size, setup["image_shape"], setup["num_classes"], seed)
+  images = np.concatenate([b["image"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  data = datasets.Dataset(name="synthetic", train_images=images, train_labels=labels,
+                          test_images=images[:batch_size], test_labels=labels[:batch_size],
+                          class_names=tuple(str(c) for c in range(setup["num_classes"])))
+  config = recipe_config(batch_size)
+  config.update({"log_every_steps": 10**9, "checkpoint_every_steps": 10**9, "progress": False,
+                 "model": ml_collections.ConfigDict(setup["model"]),
+                 "augment": ml_collections.ConfigDict({"crop_padding": 0, "flip": False})})
+  model = models.create_model(config.model, setup["num_classes"])
+  with tempfile.TemporaryDirectory() as root:
+    _, infos = ensemble_training.fit_group(
+        config, model, data, np.arange(len(labels)), seeds=list(range(seed, seed + group_size)),
+        workdirs=[os.path.join(root, str(i)) for i in range(group_size)])
+  return {"images_per_s": infos[0]["images_per_s"], "compile_s": infos[0]["compile_s"],
+          "group_size": group_size, "steps": steps}
+
+
 def aggregate_scaling(runs: dict[tuple[str, str, int], list[dict]], batch_size: int) -> dict:
   """``{(model, mode, devices): [measure_jax_step results]}`` -> ``{model: {mode: {n: entry}}}``.
 
@@ -187,17 +216,6 @@ def aggregate_scaling(runs: dict[tuple[str, str, int], list[dict]], batch_size: 
 
 
 # --- what ran where -----------------------------------------------------------------------------
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def peak_rss_bytes() -> int:
   """Peak resident set size of this process and its finished children, from the kernel.
 
@@ -219,23 +237,17 @@ def machine_info(extra_versions: dict[str, str] | None = None) -> dict[str, Any]
   except AttributeError:  # not on Linux
     usable_cores = os.cpu_count()
   info = {
-      "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "usable_cores": usable_cores,
+      "cpu_model": provenance.cpu_model(), "cpu_count": os.cpu_count(), "usable_cores": usable_cores,
       "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
       "platform": platform.platform(), "python": platform.python_version(),
       "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
       "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": " ".join(["python", "-m", _module_name()] + sys.argv[1:]),
+      "command": provenance.command_line(), **provenance.git_commit(),
   }
   info.update(extra_versions or {})
   return info
-
-
-def _module_name() -> str:
-  main = sys.modules.get("__main__")
-  spec = getattr(main, "__spec__", None)
-  return spec.name if spec is not None and spec.name else os.path.basename(sys.argv[0])
 
 
 def write_result(path: str, result: dict[str, Any]) -> None:

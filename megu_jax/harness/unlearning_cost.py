@@ -16,8 +16,8 @@ import zlib
 import jax
 import numpy as np
 
-from megu_jax.harness import experiment
 from megu_jax import unlearning
+from megu_jax.harness import experiment
 
 MEGU_PHASES = ("transition_s", "noise_s", "finetune_s")
 

@@ -46,16 +46,16 @@ def method_names() -> tuple[str, ...]:
 
 # Importing the modules registers their methods; they import ``register`` from here, so this
 # comes last.
-from megu_jax.unlearning import reference  # noqa: E402,F401
-from megu_jax.unlearning import megu  # noqa: E402,F401
+from megu_jax.unlearning import bad_teacher  # noqa: E402,F401
 from megu_jax.unlearning import finetune  # noqa: E402,F401
+from megu_jax.unlearning import megu  # noqa: E402,F401
 from megu_jax.unlearning import neggrad_plus  # noqa: E402,F401
 from megu_jax.unlearning import random_label  # noqa: E402,F401
-from megu_jax.unlearning import bad_teacher  # noqa: E402,F401
-from megu_jax.unlearning import unsir  # noqa: E402,F401
-from megu_jax.unlearning import ssd  # noqa: E402,F401
-from megu_jax.unlearning import scrub  # noqa: E402,F401
+from megu_jax.unlearning import reference  # noqa: E402,F401
 from megu_jax.unlearning import salun  # noqa: E402,F401
+from megu_jax.unlearning import scrub  # noqa: E402,F401
+from megu_jax.unlearning import ssd  # noqa: E402,F401
+from megu_jax.unlearning import unsir  # noqa: E402,F401
 
 __all__ = ["UNLEARNING_METHODS", "UnlearnData", "UnlearnFn", "UnlearningInputError",
            "UnknownMethodError", "get_method", "method_names", "register"]

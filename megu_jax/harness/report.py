@@ -1,0 +1,305 @@
+"""The documents rendered from result files: docs/results.md, docs/performance.md, README tables.
+
+Every number in those documents comes from a JSON file under ``results/`` that a command wrote
+(copied there unchanged), and each table carries that file's own provenance (command, commit,
+date, machine). ``python -m experiments.report`` rewrites the documents; ``--check`` fails when
+one is out of date with its results, which a test runs.
+
+README blocks are delimited by ``<!-- rendered:NAME -->`` and ``<!-- /rendered:NAME -->``; the
+text between them is replaced, everything else is left alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Callable
+
+from megu_jax.harness import provenance
+
+RESULTS_DIR = "results"
+DEMO = os.path.join("demo", "results.json")
+THROUGHPUT = os.path.join("performance", "throughput.json")
+SCALING = os.path.join("performance", "scaling.json")
+UNLEARNING_COST = os.path.join("performance", "unlearning_cost.json")
+RECIPES = os.path.join("protocol", "recipes.json")
+
+
+def load(results_dir: str, name: str) -> dict | None:
+  path = os.path.join(results_dir, name)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _percent(value) -> str:
+  return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _seconds(value) -> str:
+  return "–" if value is None else f"{value:.1f}"
+
+
+def _provenance_line(record: dict | None, key: str = "provenance") -> str:
+  return f"<sub>{provenance.describe((record or {}).get(key))}</sub>"
+
+
+def _machine_provenance(record: dict) -> dict:
+  """The provenance of the benchmark scripts, which keep it under ``machine``."""
+  machine = record.get("machine", {})
+  return {"command": machine.get("command"), "commit": machine.get("commit"),
+          "dirty": machine.get("dirty"), "date": machine.get("date"),
+          "machine": {"cpu_model": machine.get("cpu_model"),
+                      "usable_cores": machine.get("usable_cores")},
+          "versions": {"jax": machine.get("jax")}}
+
+
+# --- the main job -----------------------------------------------------------------------------
+DEMO_COLUMNS = (("retain_test_acc", "Dr"), ("forget_test_acc", "Df"),
+                ("mia_entropy_lr", "MIA (entropy LR)"), ("related_test_acc", "related"),
+                ("test_acc", "test"), ("time_s", "time (s)"))
+
+
+def demo_table(demo: dict | None) -> str:
+  if demo is None:
+    return "_Not run yet: `make demo`, then copy `runs/demo/results.json` to `results/demo/`._\n"
+  forget = ", ".join(demo["forget"]) or f"{demo['forget_size']} random samples"
+  lines = [f"{demo['dataset']}, {demo['scenario']}, forget {forget}, seed {demo['seed']} "
+           "(accuracies and MIA in %; Retrain's time is its training time):", "",
+           "| method | " + " | ".join(title for _, title in DEMO_COLUMNS) + " |",
+           "|---|" + "---|" * len(DEMO_COLUMNS)]
+  for name, result in demo["methods"].items():
+    cells = [(_seconds if key == "time_s" else _percent)(result.get(key))
+             for key, _ in DEMO_COLUMNS]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  lines += ["", _provenance_line(demo)]
+  return "\n".join(lines) + "\n"
+
+
+# --- the protocol ------------------------------------------------------------------------------
+def recipes_table(record: dict | None) -> str:
+  if record is None:
+    return "_Not measured yet: `python -m experiments.compare_recipes` (docs/usage.md)._\n"
+  lines = ["| training images | epochs | images seen | accuracy on its training set | test "
+           "accuracy | margin AUC (members vs test) | training time (s) |",
+           "|---|---|---|---|---|---|---|"]
+  for row in record["recipes"]:
+    lines.append(f"| {row['train_subset'] or 'all'} | {row['epochs']} | {row['images_seen']:,} | "
+                 f"{100 * row['train_acc']:.1f} | {100 * row['test_acc']:.1f} | "
+                 f"{row['margin_auc']:.3f} | {row['time_s']:.0f} |")
+  lines += ["", _provenance_line(record)]
+  return "\n".join(lines) + "\n"
+
+
+# --- performance --------------------------------------------------------------------------------
+def throughput_table(record: dict | None) -> str:
+  if record is None:
+    return "_Not measured yet: `python -m experiments.bench_throughput`._\n"
+  lines = ["| model, batch 128 | JAX step (img/s) | JAX, whole `fit` loop | PyTorch NCHW | "
+           "PyTorch channels-last | JAX / best PyTorch | JAX compile (s) |",
+           "|---|---|---|---|---|---|---|"]
+  for name, result in record["results"].items():
+    jax_rate = result["jax"]["images_per_s"]
+    fit = result.get("jax_fit_loop", {}).get("images_per_s")
+    nchw = result.get("torch_eager", {}).get("images_per_s")
+    nhwc = result.get("torch_eager_channels_last", {}).get("images_per_s")
+    ratio = result.get("ratio_jax_over_torch")
+    lines.append(f"| {name} | {jax_rate:,.0f} | " + " | ".join(
+        "–" if v is None else f"{v:,.0f}" for v in (fit, nchw, nhwc))
+        + f" | {'–' if ratio is None else f'{ratio:.2f}×'} | {result['jax']['compile_s']:.1f} |")
+  lines += ["", _provenance_line({"provenance": _machine_provenance(record)})[:-len("</sub>")]
+            + f"; peak resident memory {record.get('peak_rss_mb', '?')} MB; load average at "
+            f"start {record['machine'].get('load_average_1_5_15')}, at end "
+            f"{record['machine'].get('load_average_at_end')}</sub>"]
+  return "\n".join(lines) + "\n"
+
+
+def scaling_table(record: dict | None) -> str:
+  if record is None:
+    return "_Not measured yet: `python -m experiments.bench_scaling`._\n"
+  configs = [(mode, devices) for mode in ("mesh", "pmap") for devices in ("1", "2")]
+  lines = ["| model, batch 128 global | " + " | ".join(f"{m}, {d} device{'s' if d != '1' else ''}"
+                                                     for m, d in configs) + " |",
+           "|---|" + "---|" * len(configs)]
+  for name, result in record["results"].items():
+    cells = []
+    for mode, devices in configs:
+      entry = result.get(mode, {}).get(devices)
+      if entry is None or "images_per_s" not in entry:
+        cells.append("–")
+        continue
+      speedup = entry.get("speedup_over_1_device", 1.0)
+      cells.append(f"{entry['images_per_s']:,.0f}" + ("" if devices == "1"
+                                                       else f" ({speedup:.2f}×)"))
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  lines += ["", _provenance_line({"provenance": _machine_provenance(record)})]
+  return "\n".join(lines) + "\n"
+
+
+def unlearning_cost_table(record: dict | None) -> str:
+  if record is None:
+    return "_Not measured yet: `python -m experiments.bench_unlearning`._\n"
+  lines = ["| method | time (s, no compile) | share of Retrain's training | with compilation |",
+           "|---|---|---|---|"]
+  for name, stats in sorted(record["summary"].items(),
+                            key=lambda item: item[1]["relative_to_retrain"]["mean"]):
+    lines.append(f"| {name} | {stats['time_s']['mean']:.1f} | "
+                 f"{100 * stats['relative_to_retrain']['mean']:.1f} % | "
+                 f"{100 * stats['relative_to_retrain_with_compile']['mean']:.1f} % |")
+  phases = [cell["megu"]["phases"] for cell in record["cells"].values()
+            if "megu" in cell and "phases" in cell["megu"]]
+  if phases:
+    shares = phases[0]["shares"]
+    lines += ["", "MeGU's time by phase (first cell): " + ", ".join(
+        f"{name[:-2]} {phases[0][name]:.2f} s ({100 * share:.0f} %)"
+        for name, share in shares.items()) + "."]
+  source = record.get("source", {})
+  lines += ["", f"<sub>cells: {', '.join(record['cells'])}; source: "
+            f"{', '.join(f'{k}={v}' for k, v in source.items())}</sub>",
+            _provenance_line({"provenance": _machine_provenance(record)})]
+  return "\n".join(lines) + "\n"
+
+
+# --- documents ----------------------------------------------------------------------------------
+_GENERATED = ("<!-- Rendered by `python -m experiments.report` from results/*.json: edit the "
+              "renderer (megu_jax/harness/report.py) or rerun the commands, not this file. -->\n")
+
+
+def performance_md(results_dir: str) -> str:
+  return _GENERATED + f"""
+# Performance
+
+Three scripts measure speed; each prints its figures and writes a JSON under
+`results/performance/` with the machine's CPU model, core count, load average at start and end,
+library versions, command, commit and date, and the process's peak resident memory.
+
+```bash
+pip install -e '.[bench]' --extra-index-url https://download.pytorch.org/whl/cpu  # optional: torch
+python -m experiments.bench_throughput    # results/performance/throughput.json
+python -m experiments.bench_scaling       # results/performance/scaling.json
+python -m experiments.bench_unlearning --config=megu_jax/configs/fashion_mnist.py \\
+    --workdir=runs/bench_unlearning --config.methods=all   # results/performance/unlearning_cost.json
+```
+
+## Train-step throughput
+
+Our train step (`train.make_train_step` on one device, state donated, batches already on the
+device) against its PyTorch twin (`experiments/torch_reference.py`: the same layers starting from
+the same weights, copied from the Flax initialisation; the same optimiser; a test checks that both
+compute the same losses and updates), batch 128, float32. JAX's compile time is timed apart; then
+blocks of 10 steps alternate between JAX, PyTorch NCHW and PyTorch channels-last, and the median
+block is the figure, so that a change of load hits both frameworks alike.
+
+{throughput_table(load(results_dir, THROUGHPUT))}
+## Scaling over devices
+
+Images per second on 1 and 2 devices, mesh and pmap paths, each configuration in its own
+subprocess (the fake CPU device count is fixed when JAX starts), configurations alternating over
+rounds. On a CPU the "devices" share the same cores, so this shows that the data-parallel paths
+cost nothing, not that they speed anything up.
+
+{scaling_table(load(results_dir, SCALING))}
+## Unlearning cost
+
+Every method's time without compilation relative to Retrain's training time in the same run (and
+with compilation), and MeGU's time by phase (transition: the original's pass over the forget
+images, T and the perturbing labels; noise optimisation; finetuning; other: set-up and host work).
+
+{unlearning_cost_table(load(results_dir, UNLEARNING_COST))}
+## Where the time goes
+
+- What is ours is in place: the step compiles once (`tests/test_throughput.py` counts every XLA
+  compilation during a two-epoch `train.fit`), the state is donated, metrics are fetched one step
+  late so the host never waits for the step it just dispatched, and the host places batch n+1
+  while the device runs step n.
+- On XLA:CPU the convolutions bound the step. For a kernel gradient XLA lays each saved
+  activation out as [channels, height, width, batch] and its fusion pass recomputes the
+  BatchNorm → ReLU → residual chain inside that transpose; on the narrow ResNet-18 these
+  transposes take more time than the convolutions. An optimisation barrier, im2col + matmul
+  convolutions and kernel gradients as shifted dot products were each measured slower on this
+  CPU, and none of them is in the code.
+- jaxlib 0.10 hands convolutions to YNNPACK, slower than XLA's own for our 16–128-channel layers:
+  the commands therefore add `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` to
+  `XLA_FLAGS` before JAX starts (`megu_jax/xla_cpu.py`; never over a user's own setting, off with
+  `MEGU_JAX_XLA_CPU_DEFAULTS=0`; `import megu_jax` itself changes nothing).
+- Two-by-two max-pooling is written as reshape + max, whose gradient is cheaper than XLA's
+  select-and-scatter on this CPU (a test checks they compute the same function).
+"""
+
+
+def results_md(results_dir: str) -> str:
+  from megu_jax.harness import ensemble_report  # noqa: PLC0415 (it imports numpy and plots)
+  return _GENERATED + f"""
+# Results
+
+How a result is judged is in [method.md §4](method.md); what was tried before this yardstick, on
+the retired protocol, is in [tuning.md](tuning.md).
+
+## The protocol: an original that memorises
+
+A per-example test can only see membership where the original model remembers its training
+images. The Fashion-MNIST recipe therefore trains on a fixed, class-balanced subset, long enough
+to fit it completely; the recipes measured:
+
+{recipes_table(load(results_dir, RECIPES))}
+{ensemble_report.headline_section(results_dir)}
+## The main job (`make demo`)
+
+{demo_table(load(results_dir, DEMO))}"""
+
+
+README_BLOCKS: dict[str, Callable[[str], str]] = {}
+
+
+def _readme_demo(results_dir: str) -> str:
+  return demo_table(load(results_dir, DEMO))
+
+
+def _readme_headline(results_dir: str) -> str:
+  from megu_jax.harness import ensemble_report  # noqa: PLC0415
+  return ensemble_report.headline_summary(results_dir)
+
+
+README_BLOCKS.update(demo=_readme_demo, headline=_readme_headline)
+
+
+def render_readme(text: str, results_dir: str) -> str:
+  """``text`` with every ``rendered:NAME`` block replaced by its rendering."""
+  def replace(match: re.Match) -> str:
+    name = match.group(1)
+    if name not in README_BLOCKS:
+      raise ValueError(f"README block 'rendered:{name}' has no renderer; known: "
+                       f"{sorted(README_BLOCKS)}")
+    return (f"<!-- rendered:{name} -->\n{README_BLOCKS[name](results_dir).rstrip()}\n"
+            f"<!-- /rendered:{name} -->")
+  return re.sub(r"<!-- rendered:(\w+) -->.*?<!-- /rendered:\1 -->", replace, text, flags=re.S)
+
+
+def documents(root: str) -> dict[str, str]:
+  """Path -> rendered content of every rendered document under the repository ``root``."""
+  results_dir = os.path.join(root, RESULTS_DIR)
+  with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  return {os.path.join(root, "README.md"): render_readme(readme, results_dir),
+          os.path.join(root, "docs", "results.md"): results_md(results_dir),
+          os.path.join(root, "docs", "performance.md"): performance_md(results_dir)}
+
+
+def stale(root: str) -> list[str]:
+  """The rendered documents whose committed text differs from a fresh rendering."""
+  out = []
+  for path, text in documents(root).items():
+    current = open(path, encoding="utf-8").read() if os.path.exists(path) else None
+    if current != text:
+      out.append(path)
+  return out
+
+
+def write(root: str) -> list[str]:
+  from megu_jax import io_utils  # noqa: PLC0415
+  written = []
+  for path, text in documents(root).items():
+    io_utils.atomic_write_text(path, text)
+    written.append(path)
+  return written
