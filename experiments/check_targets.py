@@ -3,16 +3,18 @@ r"""A method against Retrain on a finished benchmark: which of the MeGU issue's 
   python -m experiments.check_targets --benchmark=runs/benchmark/benchmark.json --method=megu \
       --out=runs/benchmark/targets.md
 
-Reads ``benchmark.json`` (``experiments.benchmark``), prints one row per scenario (mean over seeds
-of the method minus Retrain, the targets the mean misses, how many seeds meet every target alone)
-and writes it to ``--out`` when given. Margins: ``megu_jax.harness.targets.Targets``.
+Reads ``benchmark.json`` (``experiments.benchmark``) or an ``ensemble.json``. For ensembles a
+target is met when the method lies within what the floor sample (a second Retrain ensemble)
+scores, per split, on the statistic that best tells doing nothing from Retrain at that N. For the
+seed benchmark: one row per scenario of the mean over seeds of the method minus Retrain against
+the margins of ``megu_jax.harness.targets.Targets``. Writes the table to ``--out`` when given.
 """
 import json
 
 from absl import flags
 
-from megu_jax.harness import cli
 from megu_jax import io_utils
+from megu_jax.harness import cli
 from megu_jax.harness import targets
 
 _BENCHMARK = flags.DEFINE_string("benchmark", None, "Path to a benchmark.json.")
@@ -27,7 +29,17 @@ def main():
       benchmark = json.load(f)
   except json.JSONDecodeError as error:
     raise ValueError(f"--benchmark={_BENCHMARK.value!r} is not valid JSON ({error})") from None
-  text = targets.targets_markdown(targets.check_targets(benchmark, _METHOD.value), _METHOD.value)
+  if "scenarios" in benchmark or "methods" in benchmark:  # ensembles: Retrain's distribution
+    summaries = benchmark.get("scenarios", [benchmark])
+    by_size: dict = {}
+    for summary in summaries:
+      by_size.setdefault(summary["ensemble_size"], []).append(summary)
+    text = "\n".join(targets.floor_markdown(group, _METHOD.value,
+                                            *targets.headline_statistic(group))
+                      for group in by_size.values())
+  else:  # the seed benchmark: margins around one Retrain per seed
+    text = targets.targets_markdown(targets.check_targets(benchmark, _METHOD.value),
+                                    _METHOD.value)
   if _OUT.value:
     io_utils.atomic_write_text(_OUT.value, text)
   print(text)

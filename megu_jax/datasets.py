@@ -304,6 +304,43 @@ def resolve_subclass_names(dataset: Dataset, names: str | Iterable[str]) -> tupl
 # Loading.
 
 
+def training_subset(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
+  """``dataset`` with a fixed, class-balanced subset of ``size`` training images (test unchanged).
+
+  The subset is balanced over the finest labels the data set carries (its sub-classes when it
+  has them), so that a fine and a coarse model of the same recipe see the same images; it is a
+  function of (size, seed) only. The positions are kept sorted, so the subset's order follows
+  the source's. Its name gains ``_subset<size>``.
+
+  Raises:
+    DatasetError: ``size`` is not in [number of fine classes, number of training images].
+  """
+  finest = dataset.train_subclasses if dataset.train_subclasses is not None else \
+      dataset.train_labels
+  classes = np.unique(finest)
+  if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not (
+      len(classes) <= size <= len(finest)):
+    raise DatasetError(f"config.train_subset={size!r} must be an integer in [{len(classes)}, "
+                       f"{len(finest)}] for {dataset.name} (0 trains on every image)")
+  rng = np.random.default_rng([seed, size])
+  per_class = np.full(len(classes), size // len(classes))
+  per_class[:size % len(classes)] += 1
+  chosen = []
+  for label, count in zip(classes, per_class):
+    members = np.flatnonzero(finest == label)
+    if len(members) < count:
+      raise DatasetError(f"config.train_subset={size}: class {label} of {dataset.name} has only "
+                         f"{len(members)} training images, fewer than the {count} a balanced "
+                         "subset needs")
+    chosen.append(rng.choice(members, count, replace=False))
+  positions = np.sort(np.concatenate(chosen))
+  return dataclasses.replace(
+      dataset, name=f"{dataset.name}_subset{size}", train_images=dataset.train_images[positions],
+      train_labels=dataset.train_labels[positions],
+      train_subclasses=(None if dataset.train_subclasses is None
+                        else dataset.train_subclasses[positions]))
+
+
 def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None,
                  label_level: str | None = None) -> Dataset:
   """Loads a data set into memory; never downloads.

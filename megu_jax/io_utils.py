@@ -43,6 +43,13 @@ def atomic_save_npy(path: str, array: np.ndarray) -> None:
   atomic_write_bytes(path, buffer.getvalue())
 
 
+def atomic_save_npz(path: str, **arrays: np.ndarray) -> None:
+  """Several named arrays in one ``.npz`` (uncompressed; no pickles), written atomically."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **{name: np.asarray(array) for name, array in arrays.items()})
+  atomic_write_bytes(path, buffer.getvalue())
+
+
 def _json_default(value: Any) -> Any:
   if isinstance(value, np.generic):
     return value.item()

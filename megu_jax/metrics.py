@@ -266,6 +266,23 @@ def related_accuracy(logits: Any, labels: Any, related_classes: Sequence[int]) -
 # --------------------------------------------------------------------------------------------
 
 
+def membership_auc(member_scores: Any, non_member_scores: Any) -> float:
+  """ROC AUC of a threshold on a per-example score separating members from non-members.
+
+  0.5 is chance; 1.0 means every member scores above every non-member. Computed from ranks
+  (the Mann-Whitney statistic, ties counted half), so no classifier is fitted.
+  """
+  from scipy import stats  # noqa: PLC0415 (a dependency of scikit-learn)
+  members = np.asarray(member_scores, np.float64).ravel()
+  others = np.asarray(non_member_scores, np.float64).ravel()
+  if not len(members) or not len(others):
+    raise ValueError(f"membership_auc needs members and non-members, got {len(members)} and "
+                     f"{len(others)}")
+  ranks = stats.rankdata(np.concatenate([members, others]))
+  n1, n0 = len(members), len(others)
+  return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
 def mia_entropy_lr(retain_train_logits: Any, test_logits: Any, forget_logits: Any, *,
                    seed: int = 0, max_samples: int | None = None) -> float:
   """SSD's membership-inference attack on prediction entropy (`mia_entropy_lr`).

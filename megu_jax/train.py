@@ -290,17 +290,31 @@ def training_labels_level(config: ml_collections.ConfigDict) -> str:
 
 
 def load_config_dataset(config: ml_collections.ConfigDict) -> datasets.Dataset:
-  return datasets.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
-                               label_level=training_labels_level(config))
+  """The data set of ``config``: its label level, and its fixed training subset when
+  ``config.train_subset`` > 0 (``config.train_subset_seed`` picks it; every model of the recipe,
+  original or Retrain, of any seed, trains on the same images)."""
+  dataset = datasets.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
+                                  label_level=training_labels_level(config))
+  if config.get("train_subset", 0):
+    dataset = datasets.training_subset(dataset, config.train_subset,
+                                       config.get("train_subset_seed", 0))
+  return dataset
+
+
+def split_seed(config: ml_collections.ConfigDict) -> int:
+  """The seed of the forget draw (random forgetting): ``config.split_seed``, or ``config.seed``
+  when it is negative (each model seed then forgets its own draw)."""
+  seed = config.get("split_seed", -1)
+  return int(config.seed if seed is None or seed < 0 else seed)
 
 
 def split_from_config(config: ml_collections.ConfigDict, dataset: datasets.Dataset
                       ) -> splits.ForgetSplit:
   if config.scenario == "random":  # forget_size samples; class names do not apply
     return splits.make_split(dataset, "random", forget_size=config.get("forget_size"),
-                             seed=config.seed)
+                             seed=split_seed(config))
   forget = tuple(n.strip() for n in str(config.get("forget", "")).split(",") if n.strip())
-  return splits.make_split(dataset, config.scenario, forget=forget, seed=config.seed)
+  return splits.make_split(dataset, config.scenario, forget=forget, seed=split_seed(config))
 
 
 def validate_config(config: ml_collections.ConfigDict, dp: parallel.DataParallel) -> None:
@@ -461,44 +475,73 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   the current step with a checkpoint (:class:`~megu_jax.interruption.Interrupted`).
   """
   dp = parallel.DataParallel(config.get("parallel", "mesh"))
-  validate_config(config, dp)
+  validate_config(config, dp)  # before the data set is read: a bad field fails in milliseconds
   dataset = dataset or load_config_dataset(config)
+  train_positions, final = prepare_workdir(config, workdir, dataset, dp)
+  if final is not None:
+    return final
+  model = models.create_model(config.model, dataset.num_classes)
+  with interruption.deferred_stop_signals() as stop:
+    state, info = fit(config, model, dataset.train_images, dataset.train_labels, train_positions,
+                      mean=dataset.mean, std=dataset.std, key=jax.random.key(config.seed), dp=dp,
+                      workdir=workdir, flip_ok=dataset.flip_ok, stop_after_steps=stop_after_steps,
+                      desc="retrain" if config.get("retrain", False) else "train", stop=stop)
+  if state is None:
+    return info
+  return write_final_metrics(config, workdir, model, state, dataset, train_positions, info, dp)
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, dataset: datasets.Dataset,
+                    dp: parallel.DataParallel) -> tuple[np.ndarray, dict | None]:
+  """Checks ``config``, then ``(training positions, final metrics)`` of ``workdir``.
+
+  The final metrics are those of a finished run (nothing to do), else None: then ``workdir``
+  holds the config, the model's description and, for Retrain, its split.
+  """
+  validate_config(config, dp)
   train_positions = np.arange(len(dataset.train_labels))
   split = None
   if config.get("retrain", False):
     split = split_from_config(config, dataset)  # validates the forget request before any work
     train_positions = split.retain_train
     _check_saved_split(split, os.path.join(workdir, "split"), dataset)
-  final_path = os.path.join(workdir, "final_metrics.json")
-  final = _read_final_metrics(final_path)
+  final = _read_final_metrics(os.path.join(workdir, "final_metrics.json"))
   if final is not None:
-    return final
-
+    return train_positions, final
   os.makedirs(workdir, exist_ok=True)
   if split is not None:
     splits.save_split(split, os.path.join(workdir, "split"))
-  mean, std = dataset.mean, dataset.std
   io_utils.atomic_write_text(os.path.join(workdir, "config.json"),
                              config.to_json_best_effort(indent=2))
   io_utils.atomic_write_json(os.path.join(workdir, "model_info.json"), {
       "num_classes": dataset.num_classes, "class_names": list(dataset.class_names),
-      "image_shape": list(dataset.image_shape), "mean": mean.tolist(), "std": std.tolist()})
+      "image_shape": list(dataset.image_shape), "mean": dataset.mean.tolist(),
+      "std": dataset.std.tolist()})
+  return train_positions, None
 
-  model = models.create_model(config.model, dataset.num_classes)
-  with interruption.deferred_stop_signals() as stop:
-    state, info = fit(config, model, dataset.train_images, dataset.train_labels, train_positions,
-                      mean=mean, std=std, key=jax.random.key(config.seed), dp=dp,
-                      workdir=workdir, flip_ok=dataset.flip_ok, stop_after_steps=stop_after_steps,
-                      desc="retrain" if config.get("retrain", False) else "train", stop=stop)
-  if state is None:
-    return info
 
-  trained = Trained(config=config, model=model, state=state, mean=mean, std=std)
+def write_final_metrics(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
+                        state: TrainState, dataset: datasets.Dataset, train_positions: np.ndarray,
+                        info: dict, dp: parallel.DataParallel) -> dict:
+  """Test accuracy, accuracy on the model's own training set, and ``info``: final_metrics.json."""
+  trained = Trained(config=config, model=model, state=state, mean=dataset.mean, std=dataset.std)
   test_logits = predict(trained, dataset.test_images, config.eval_batch_size, dp)["logits"]
+  # Accuracy on the model's own training set: how far the recipe memorises it.
+  train_logits = predict(trained, dataset.train_images[train_positions], config.eval_batch_size,
+                         dp)["logits"]
+  from megu_jax import ensemble_metrics  # noqa: PLC0415 (numpy only; kept off the import path)
+  from megu_jax import metrics  # noqa: PLC0415 (scikit-learn: only once, at the end)
+  train_targets = dataset.train_labels[train_positions]
   final = {"test_acc": float(np.mean(np.argmax(test_logits, -1) == dataset.test_labels)),
+           "train_acc": float(np.mean(np.argmax(train_logits, -1) == train_targets)),
+           # Members (its training images) against non-members (the test set), by a threshold on
+           # the per-example margin: how much the model's confidence gives membership away.
+           "margin_auc": metrics.membership_auc(
+               ensemble_metrics.margins(train_logits, train_targets),
+               ensemble_metrics.margins(test_logits, dataset.test_labels)),
            **info, "epochs": config.epochs, "train_examples": int(len(train_positions)),
            "devices": dp.num_devices, "parallel": dp.mode}
-  io_utils.atomic_write_json(final_path, final)
+  io_utils.atomic_write_json(os.path.join(workdir, "final_metrics.json"), final)
   return final
 
 

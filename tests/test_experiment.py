@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
+from megu_jax import transition
 from megu_jax.configs import digits as digits_config
 from megu_jax.harness import experiment
-from megu_jax import transition
 
 SCHEMA_KEYS = {"retain_test_acc", "forget_test_acc", "retain_train_acc", "forget_train_acc",
                "test_acc", "mia_entropy_lr", "mia_confidence_svc", "related_test_acc",

@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from megu_jax.configs import digits as digits_config
 from megu_jax import datasets
 from megu_jax import parallel
 from megu_jax import train
+from megu_jax.configs import digits as digits_config
 
 
 @pytest.fixture(scope="module")

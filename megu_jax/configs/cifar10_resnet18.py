@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # SSD's recipe: SGD 0.1, momentum 0.9, wd 5e-4, step decay x0.2; crop + flip.
   config.batch_size = 256
   config.eval_batch_size = 1000
+  config.train_subset = 0   # the whole training set, as the SSD benchmark trains
   config.epochs = 200
   config.learning_rate = 0.1
   config.momentum = 0.9

@@ -15,6 +15,7 @@ from megu_jax.unlearning import ssd
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = fashion_mnist.get_config()
   config.dataset = "digits"
+  config.train_subset = 0  # all 1,437 training images
   config.model = ml_collections.ConfigDict(
       {"name": "small_cnn", "widths": (8, 16, 16), "feature_dim": 32})
   config.batch_size = 32

@@ -19,9 +19,10 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from megu_jax.harness import experiment
 from megu_jax import io_utils
 from megu_jax import metrics
+from megu_jax.harness import experiment
+from megu_jax.harness import provenance
 from megu_jax.harness import reporting
 
 logger = logging.getLogger(__name__)
@@ -70,8 +71,37 @@ def cell_name(scenario: str, what: str, seed: int) -> str:
   return f"{scenario}_{experiment._slug(what)}_seed{seed}"
 
 
+def run_ensemble_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """``config.ensemble_size`` > 0: one ensemble run per scenario (:mod:`.ensemble`), sharing
+  ``workdir/models``; writes ``benchmark.json`` (every scenario's ``ensemble.json`` content) and
+  ``benchmark.md``. Each scenario's own outputs are under ``workdir/ensembles/<scenario>_<what>``.
+  """
+  from megu_jax.harness import ensemble  # noqa: PLC0415 (the seed-cell benchmark needs none of it)
+  from megu_jax.harness import ensemble_report  # noqa: PLC0415
+  scenarios = parse_scenarios(config.benchmark_scenarios)
+  configs = {item: cell_config(config, *item, seed=config.seed) for item in scenarios}
+  for item, cell in configs.items():  # every scenario checked before any training
+    ensemble.validate(cell)
+  models_root = os.path.join(workdir, "models")
+  summaries = []
+  for (scenario, what), cell in configs.items():
+    directory = os.path.join(workdir, "ensembles", f"{scenario}_{experiment._slug(what)}")
+    summaries.append(ensemble.run_ensemble(cell, directory, models_root=models_root))
+  benchmark = {"dataset": config.dataset, "ensemble_size": config.ensemble_size,
+               "scenarios": summaries, "provenance": provenance.record()}
+  io_utils.atomic_write_json(os.path.join(workdir, "benchmark.json"), benchmark)
+  io_utils.atomic_write_text(os.path.join(workdir, "benchmark.md"), "\n".join(
+      ensemble_report.markdown(summary) for summary in summaries))
+  return benchmark
+
+
 def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs or resumes every cell; returns (and writes) the aggregated benchmark."""
+  """Runs or resumes every cell; returns (and writes) the aggregated benchmark.
+
+  With ``config.ensemble_size`` > 0 the cells are ensembles (:func:`run_ensemble_benchmark`).
+  """
+  if config.get("ensemble_size", 0):
+    return run_ensemble_benchmark(config, workdir)
   if config.seeds <= 0:
     raise ValueError(f"config.seeds={config.seeds} must be positive")
   scenarios = parse_scenarios(config.benchmark_scenarios)
@@ -105,7 +135,8 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   bar.close()
 
   benchmark = {"dataset": config.dataset, "seeds": config.seeds, "methods": list(methods),
-               "cells": records, "summary": summarize(records)}
+               "cells": records, "summary": summarize(records),
+               "provenance": provenance.record()}
   io_utils.atomic_write_json(os.path.join(workdir, "benchmark.json"), benchmark)
   io_utils.atomic_write_text(os.path.join(workdir, "benchmark.md"),
                              benchmark_markdown(benchmark))

@@ -27,12 +27,13 @@ from megu_jax import io_utils
 from megu_jax import metrics
 from megu_jax import oracles
 from megu_jax import parallel
-from megu_jax.harness import plotting
-from megu_jax.harness import reporting
 from megu_jax import splits
 from megu_jax import train
 from megu_jax import transition
 from megu_jax import unlearning
+from megu_jax.harness import plotting
+from megu_jax.harness import provenance
+from megu_jax.harness import reporting
 
 REFERENCE_METHODS = ("original", "retrain")
 
@@ -71,7 +72,8 @@ def _slug(text: str) -> str:
 
 # The fields that determine a trained model: a change to any of them must not reuse an old one.
 RECIPE_FIELDS = ("dataset", "data_dir", "model", "batch_size", "epochs", "learning_rate",
-                 "momentum", "weight_decay", "schedule", "step_epochs", "step_factor", "augment")
+                 "momentum", "weight_decay", "schedule", "step_epochs", "step_factor", "augment",
+                 "train_subset", "train_subset_seed")
 
 
 def recipe_hash(config: ml_collections.ConfigDict) -> str:
@@ -84,8 +86,8 @@ def recipe_hash(config: ml_collections.ConfigDict) -> str:
 def model_dirs(config: ml_collections.ConfigDict, models_root: str) -> dict[str, str]:
   """Where the original and Retrain models of ``config`` live: keyed by what determines them."""
   level = train.training_labels_level(config)
-  what = (f"random{config.forget_size}" if config.scenario == "random"
-          else _slug(str(config.forget)))
+  what = (f"random{config.forget_size}_draw{train.split_seed(config)}"
+          if config.scenario == "random" else _slug(str(config.forget)))
   suffix = f"seed{config.seed}_{recipe_hash(config)}"
   return {"original": os.path.join(models_root, f"original_{level}_{suffix}"),
           "retrain": os.path.join(models_root, f"retrain_{config.scenario}_{what}_{suffix}")}
@@ -196,6 +198,17 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, models_root: str | 
   dirs = model_dirs(config, models_root or os.path.join(workdir, "models"))
   original, original_final = _train_reference(config, dirs["original"], dataset, retrain=False)
   retrained, retrain_final = _train_reference(config, dirs["retrain"], dataset, retrain=True)
+  return setting_from_models(config, workdir, dataset, split, (original, original_final),
+                             (retrained, retrain_final))
+
+
+def setting_from_models(config: ml_collections.ConfigDict, workdir: str,
+                        dataset: datasets.Dataset, split: splits.ForgetSplit,
+                        original: tuple[train.Trained, dict],
+                        retrained: tuple[train.Trained, dict]) -> Setting:
+  """The :class:`Setting` of trained ``(model, final metrics)`` references: T (from this
+  original, saved in ``workdir``), the related set and the methods' data."""
+  (original, original_final), (retrained, retrain_final) = original, retrained
   matrix, transition_info = resolve_transition(config, dataset, original, workdir)
   method_config = copy.deepcopy(config)
   with method_config.unlocked():
@@ -220,6 +233,14 @@ def run_method(setting: Setting, name: str) -> tuple[dict[str, float], np.ndarra
   per-class test accuracy ``[K]``. ``time_s`` is the unlearning call alone, without compilation;
   Retrain's is its training time.
   """
+  result, per_class, _ = run_method_with_outputs(setting, name)
+  return result, per_class
+
+
+def run_method_with_outputs(setting: Setting, name: str
+                            ) -> tuple[dict[str, float], np.ndarray, dict[str, dict]]:
+  """:func:`run_method`, plus the unlearned model's outputs: ``{"train": ..., "test": ...}``,
+  each ``{"logits": [N, K], "features": [N, D]}`` over the whole training / test set."""
   timings: dict[str, float] = {}
   if name == "original":
     unlearned, time_s, compile_s = setting.original, 0.0, 0.0
@@ -245,7 +266,7 @@ def run_method(setting: Setting, name: str) -> tuple[dict[str, float], np.ndarra
                 **{k: float(v) for k, v in timings.items() if k != "compile_s"})
   per_class = metrics.class_accuracies(test_out["logits"], setting.dataset.test_labels,
                                        setting.dataset.num_classes)
-  return result, per_class
+  return result, per_class, {"train": train_out, "test": test_out}
 
 
 def add_avg_gaps(results: dict[str, dict]) -> None:
@@ -271,7 +292,7 @@ def run_unlearning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       "forget_size": int(len(split.forget_train)), "seed": int(config.seed),
       "related": setting.related.description, "transition": setting.transition_info,
       "original_train": setting.original_final, "retrain_train": setting.retrain_final,
-      "methods": results,
+      "methods": results, "provenance": provenance.record(),
   }
   io_utils.atomic_write_json(os.path.join(workdir, "results.json"), summary)
   forgotten = ", ".join(split.forget) or f"{len(split.forget_train)} random samples"

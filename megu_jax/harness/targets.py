@@ -140,3 +140,81 @@ def targets_markdown(rows: Sequence[Mapping[str, Any]], method: str = "megu",
   met = sum(not row["failed"] for row in rows)
   lines += ["", f"Every target met on the mean: {met} of {len(rows)} scenarios."]
   return "\n".join(lines) + "\n"
+
+
+# --- against Retrain's distribution (ensembles) --------------------------------------------------
+# The per-example statistics an ensemble run reports, as (family, statistic); lower is closer to
+# Retrain. The headline is the one that best separates doing nothing from the floor at the N used.
+KL_STATISTICS = (("klom", "p95"), ("klom", "mean"), ("gaussian_kl", "mean"),
+                 ("gaussian_kl", "p95"))
+
+
+def _interval(entry: Mapping, statistic: str) -> list[float] | None:
+  return entry.get(f"{statistic}_ci95")
+
+
+def separation(summary: Mapping, family: str, statistic: str, split: str = "forget") -> float:
+  """How far doing nothing lies above the floor's 95 % interval, in widths of that interval.
+
+  Large: the statistic tells an unlearned-nothing model from Retrain at this N. Below 0: the
+  original is inside the floor's interval (the statistic cannot tell them apart).
+  """
+  original = summary["methods"]["original"][family][split]
+  floor = summary["methods"]["retrain"][family][split]
+  low, high = _interval(floor, statistic) or (floor[statistic], floor[statistic])
+  return float((original[statistic] - high) / max(high - low, 1e-12))
+
+
+def headline_statistic(summaries: Sequence[Mapping]) -> tuple[str, str]:
+  """The (family, statistic) whose worst separation over ``summaries`` (runs at one N) is largest.
+
+  Raises:
+    ValueError: the summaries are of different ensemble sizes.
+  """
+  sizes = {s["ensemble_size"] for s in summaries}
+  if len(sizes) != 1:
+    raise ValueError(f"the headline statistic is chosen per N; these runs have N = {sorted(sizes)}")
+  return max(KL_STATISTICS, key=lambda fs: min(separation(s, *fs) for s in summaries))
+
+
+def against_floor(summary: Mapping, method: str, family: str, statistic: str
+                  ) -> dict[str, dict[str, Any]]:
+  """Per split: the method's value, the floor's 95 % interval at the method's N, and whether the
+  method lies within what the floor scores (at or below its upper bound)."""
+  entry = summary["methods"][method]
+  rows = {}
+  for split in ("forget", "retain", "val"):
+    value = entry[family][split][statistic]
+    floor = entry["floor"][family][split]
+    low, high = _interval(floor, statistic) or (floor[statistic], floor[statistic])
+    rows[split] = {"value": value, "floor": floor[statistic], "floor_ci95": [low, high],
+                   "within_floor": bool(value <= high)}
+  quality = entry["forgetting_quality"]
+  floor_quality = entry["floor"]["forgetting_quality"]
+  rows["F"] = {"value": quality["F"], "floor": floor_quality["F"],
+               "floor_ci95": floor_quality["F_ci95"],
+               "within_floor": bool(quality["F"] >= floor_quality["F_ci95"][0])}
+  return rows
+
+
+def floor_markdown(summaries: Sequence[Mapping], method: str, family: str, statistic: str) -> str:
+  """One row per scenario: the method's value and the floor's interval on every split, and F."""
+  label = statistic.upper() if statistic.startswith("p") else statistic
+  name = f"{'KLoM' if family == 'klom' else 'Gaussian KL'} {label}"
+  lines = [f"`{method}` against Retrain's distribution ({name} per split; F: the forgetting "
+           "quality). A value is within the floor when it lies at or below the upper end of the "
+           "floor's 95 % interval (for F: at or above its lower end); the floor is a second "
+           "Retrain ensemble of the method's size scored against the oracles.", "",
+           "| scenario | N | forget | retain | val | F | within the floor on |",
+           "|---|---|---|---|---|---|---|"]
+  for summary in summaries:
+    if method not in summary["methods"]:
+      continue
+    rows = against_floor(summary, method, family, statistic)
+    cells = [f"{r['value']:.3f} (floor {r['floor_ci95'][0]:.3f}–{r['floor_ci95'][1]:.3f})"
+             for r in rows.values()]
+    met = [split for split, r in rows.items() if r["within_floor"]]
+    forget = ", ".join(summary["forget"]) or f"{summary['forget_size']} random"
+    lines.append(f"| {summary['scenario']} {forget} | {summary['methods'][method]['ensemble_size']}"
+                 f" | " + " | ".join(cells) + f" | {', '.join(met) or 'none'} |")
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,225 @@
+"""What an ensemble run writes, and how its ``ensemble.json`` reads in a table.
+
+``write_outputs`` writes a run's ``ensemble.json``, ``ensemble.md``, ``margins/NAME.npz`` (every
+model's per-example margins, one float64 array [models, examples] per split, with the example
+positions) and two plots: each method's per-example forget KLoM as a CDF, and the oracle and
+method margin histograms of the forget examples the original is furthest from Retrain on.
+``headline_section`` and ``headline_summary`` render the committed headline runs for the docs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from megu_jax import ensemble_metrics  # noqa: E402
+from megu_jax import io_utils  # noqa: E402
+from megu_jax.harness import provenance  # noqa: E402
+
+SPLITS = ("forget", "retain", "val")
+HEADLINE_DIR = os.path.join("ensembles", "headline")
+# The per-example statistics, as "family.split-statistic" keys of ensemble.json.
+STATISTICS = {"klom.p95": ("klom", "p95"), "klom.mean": ("klom", "mean"),
+              "gaussian_kl.mean": ("gaussian_kl", "mean"), "gaussian_kl.p95": ("gaussian_kl", "p95")}
+
+
+def _ci(entry: dict, statistic: str) -> list[float] | None:
+  return entry.get(f"{statistic}_ci95")
+
+
+def write_outputs(workdir: str, summary: dict, runs: dict[str, list[dict]],
+                  oracle_margins: dict[str, np.ndarray], rows: dict[str, np.ndarray],
+                  dataset) -> None:
+  margins_dir = os.path.join(workdir, "margins")
+  positions = {f"{split}_positions": rows[split] for split in SPLITS}
+  io_utils.atomic_save_npz(os.path.join(margins_dir, "oracle.npz"), **oracle_margins, **positions)
+  for name, method_runs in runs.items():
+    if method_runs:
+      stacked = {split: np.stack([r["margins"][split] for r in method_runs]) for split in SPLITS}
+      io_utils.atomic_save_npz(os.path.join(margins_dir, f"{name}.npz"), **stacked, **positions)
+  plot_klom_cdf(runs, oracle_margins, os.path.join(workdir, "forget_klom_cdf.png"), summary)
+  plot_margin_histograms(runs, oracle_margins, os.path.join(workdir, "forget_margins.png"),
+                         summary)
+  io_utils.atomic_write_json(os.path.join(workdir, "ensemble.json"), summary)
+  io_utils.atomic_write_text(os.path.join(workdir, "ensemble.md"), markdown(summary))
+
+
+def _title(summary: dict) -> str:
+  forget = ", ".join(summary["forget"]) or f"{summary['forget_size']} random samples"
+  return f"{summary['dataset']}, {summary['scenario']}: forget {forget}"
+
+
+def plot_klom_cdf(runs, oracle_margins, path: str, summary: dict) -> None:
+  fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  for name, method_runs in runs.items():
+    if len(method_runs) < ensemble_metrics.MIN_MODELS_FORGETTING:
+      continue
+    method = np.stack([r["margins"]["forget"] for r in method_runs])
+    values = np.sort(ensemble_metrics.klom(method, oracle_margins["forget"]))
+    ax.plot(values, np.arange(1, len(values) + 1) / len(values),
+            label=f"{name} (N={len(method_runs)})", lw=2.2 if name in ("megu", "retrain") else 1.2,
+            ls="--" if name == "retrain" else "-")
+  ax.set_xlabel("per-example KLoM on the forget split (nats)")
+  ax.set_ylabel("fraction of forget examples")
+  ax.set_title(_title(summary), fontsize=10)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def plot_margin_histograms(runs, oracle_margins, path: str, summary: dict, examples: int = 4
+                           ) -> None:
+  """Oracle, original and MeGU (where run) margins of the forget examples the original is
+  furthest from Retrain on (highest per-example KLoM)."""
+  if "original" not in runs or not runs["original"]:
+    return
+  original = np.stack([r["margins"]["forget"] for r in runs["original"]])
+  oracle = oracle_margins["forget"]
+  worst = np.argsort(-ensemble_metrics.klom(original, oracle), kind="stable")[:examples]
+  shown = {"oracle (Retrain)": oracle, "original": original}
+  for name in ("megu", "retrain"):
+    if runs.get(name):
+      label = "floor (Retrain)" if name == "retrain" else name
+      shown[label] = np.stack([r["margins"]["forget"] for r in runs[name]])
+  fig, axes = plt.subplots(1, len(worst), figsize=(3.2 * len(worst), 2.8), squeeze=False)
+  for ax, example in zip(axes[0], worst):
+    values = np.concatenate([m[:, example] for m in shown.values()])
+    bins = np.linspace(values.min(), values.max() + 1e-9, 21)
+    for label, margins in shown.items():
+      ax.hist(margins[:, example], bins=bins, alpha=0.45, label=label)
+    ax.set_title(f"forget example {example}", fontsize=9)
+    ax.set_xlabel("margin")
+  axes[0][0].legend(fontsize=7)
+  fig.suptitle(_title(summary), fontsize=10)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+  import io  # noqa: PLC0415
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120)
+  plt.close(fig)
+  io_utils.atomic_write_bytes(path, buffer.getvalue())
+
+
+# --- tables -------------------------------------------------------------------------------------
+def _fmt(value, digits: int = 2) -> str:
+  return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _with_ci(value, ci, digits: int = 2) -> str:
+  if value is None:
+    return "–"
+  return f"{value:.{digits}f}" + ("" if not ci else f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]")
+
+
+def _percent(entry: dict | None) -> str:
+  if not entry:
+    return "–"
+  return f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
+
+
+def markdown(summary: dict) -> str:
+  """The tables of one ensemble run: per-example tests, then the literature's columns."""
+  lines = [f"# {_title(summary)}", "",
+           f"N = {summary['ensemble_size']} originals, oracles and floor models; examples: "
+           + ", ".join(f"{k} {v}" for k, v in summary["examples"].items()) + ".", "",
+           klom_table(summary), "", literature_table(summary)]
+  if summary.get("failures"):
+    lines += ["", "Failures: " + "; ".join(
+        f"{name} on seed {f['seed']}: {f['error']}" for name, items in summary["failures"].items()
+        for f in items)]
+  lines += ["", f"<sub>{provenance.describe(summary.get('provenance'))}</sub>"]
+  return "\n".join(lines) + "\n"
+
+
+def klom_table(summary: dict) -> str:
+  """KLoM P95 [95 % CI] per split, Gaussian KL mean, F; the floor's value at the same N beside."""
+  lines = ["| method | N | forget KLoM P95 | retain KLoM P95 | val KLoM P95 | forget Gaussian KL "
+           "(mean) | retain / val Gaussian KL | F | floor at this N: forget KLoM P95, Gaussian "
+           "KL, F |", "|---|---|---|---|---|---|---|---|---|"]
+  for name, entry in summary["methods"].items():
+    klom, gkl, quality = entry["klom"], entry["gaussian_kl"], entry["forgetting_quality"]
+    floor = entry["floor"]
+    lines.append(
+        f"| {name} | {entry['ensemble_size']} | "
+        + " | ".join(_with_ci(klom[s]["p95"], _ci(klom[s], "p95")) for s in SPLITS)
+        + f" | {_with_ci(gkl['forget']['mean'], _ci(gkl['forget'], 'mean'))} | "
+        f"{_fmt(gkl['retain']['mean'])} / {_fmt(gkl['val']['mean'])} | "
+        f"{_with_ci(quality['F'], quality['F_ci95'], 3)} | "
+        f"{_fmt(floor['klom']['forget']['p95'])}, {_fmt(floor['gaussian_kl']['forget']['mean'])}, "
+        f"{_fmt(floor['forgetting_quality']['F'], 3)} |")
+  return "\n".join(lines)
+
+
+def literature_table(summary: dict) -> str:
+  columns = (("retain_test_acc", "Dr"), ("forget_test_acc", "Df"), ("test_acc", "test"),
+             ("mia_entropy_lr", "MIA (entropy LR)"), ("related_test_acc", "related"))
+  lines = ["| method | " + " | ".join(t for _, t in columns) + " | avg gap | score | time (s) |",
+           "|---|" + "---|" * (len(columns) + 3)]
+  oracles = summary.get("oracles", {})
+  lines.append("| Retrain (the oracles) | " + " | ".join(_percent(oracles.get(k))
+                                                       for k, _ in columns) + " | – | – | – |")
+  for name, entry in summary["methods"].items():
+    time = entry.get("time_s")
+    time = "–" if not time else f"{time['mean']:.1f}"
+    lines.append(f"| {name} | " + " | ".join(_percent(entry.get(k)) for k, _ in columns)
+                 + f" | {100 * entry['avg_gap']:.1f} | "
+                 f"{_fmt(entry['forgetting_quality']['score'], 3)} | {time} |")
+  return "\n".join(lines)
+
+
+# --- the committed headline runs ------------------------------------------------------------------
+def headline_runs(results_dir: str) -> list[dict]:
+  root = os.path.join(results_dir, HEADLINE_DIR)
+  if not os.path.isdir(root):
+    return []
+  found = []
+  for name in sorted(os.listdir(root)):
+    path = os.path.join(root, name, "ensemble.json")
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        found.append(json.load(f))
+  return found
+
+
+def headline_section(results_dir: str) -> str:
+  runs = headline_runs(results_dir)
+  lines = ["## Headline: every method against Retrain's distribution", ""]
+  if not runs:
+    return "\n".join(lines + ["_Not run yet: `python -m experiments.benchmark` with "
+                              "`--config.ensemble_size` (docs/usage.md), then copy each "
+                              "scenario's `ensemble.json` to `results/ensembles/headline/`._", ""])
+  for summary in runs:
+    lines += [f"### {_title(summary)}", "", klom_table(summary), "", literature_table(summary),
+              "", f"<sub>{provenance.describe(summary.get('provenance'))}</sub>", ""]
+  return "\n".join(lines)
+
+
+def headline_summary(results_dir: str) -> str:
+  """The README's table: forget / retain / val KLoM P95 and F of every method, per scenario."""
+  runs = headline_runs(results_dir)
+  if not runs:
+    return "_The headline run has not been committed yet ([docs/results.md](docs/results.md))._\n"
+  names = list(dict.fromkeys(name for summary in runs for name in summary["methods"]))
+  header = "| method | " + " | ".join(f"{s['scenario']} {', '.join(s['forget']) or s['forget_size']}: "
+                                       "forget / retain / val KLoM P95, F" for s in runs) + " |"
+  lines = [header, "|---|" + "---|" * len(runs)]
+  for name in names:
+    cells = []
+    for summary in runs:
+      entry = summary["methods"].get(name)
+      if entry is None:
+        cells.append("–")
+        continue
+      klom = entry["klom"]
+      cells.append(" / ".join(_fmt(klom[s]["p95"], 1) for s in SPLITS)
+                   + f", {_fmt(entry['forgetting_quality']['F'], 2)}")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
