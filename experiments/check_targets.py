@@ -31,12 +31,14 @@ def main():
     raise ValueError(f"--benchmark={_BENCHMARK.value!r} is not valid JSON ({error})") from None
   if "scenarios" in benchmark or "methods" in benchmark:  # ensembles: Retrain's distribution
     summaries = benchmark.get("scenarios", [benchmark])
-    by_size: dict = {}
-    for summary in summaries:
-      by_size.setdefault(summary["ensemble_size"], []).append(summary)
-    text = "\n".join(targets.floor_markdown(group, _METHOD.value,
-                                            *targets.headline_statistic(group))
-                      for group in by_size.values())
+    sizes = {s["methods"][_METHOD.value]["ensemble_size"] for s in summaries
+             if _METHOD.value in s["methods"]}
+    if len(sizes) != 1:
+      raise ValueError(f"--method={_METHOD.value!r} ran in none of {_BENCHMARK.value}'s "
+                       "scenarios, or with different ensemble sizes")
+    size, = sizes
+    text = targets.floor_markdown(summaries, _METHOD.value,
+                                  *targets.headline_statistic(summaries, size))
   else:  # the seed benchmark: margins around one Retrain per seed
     text = targets.targets_markdown(targets.check_targets(benchmark, _METHOD.value),
                                     _METHOD.value)

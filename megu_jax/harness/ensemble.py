@@ -420,6 +420,14 @@ def summarize_all(config, dataset, split, methods, runs, oracle_runs, oracle_mar
       "methods": {}, "failures": failures, "provenance": provenance.record(),
   }
   floor_runs = runs["retrain"]
+  # Doing nothing and the floor at every smaller size a method ran with: the headline statistic
+  # of that N is chosen on them (targets.headline_statistic).
+  summary["references_at"] = {
+      str(n): {name: {k: v for k, v in compare(stack(runs[name][:n]), oracle_margins,
+                                                 seed=seed).items() if k != "per_example"}
+               for name in REFERENCES}
+      for n in sorted({len(r) for name, r in runs.items() if name not in REFERENCES})
+      if n < len(runs["original"]) and n >= ensemble_metrics.MIN_MODELS_FORGETTING}
   for name in methods:
     if len(runs.get(name, [])) < ensemble_metrics.MIN_MODELS_FORGETTING:
       continue  # every run of it failed: the failures say why

@@ -188,6 +188,44 @@ def headline_runs(results_dir: str) -> list[dict]:
   return found
 
 
+def _sizes(summaries: list[dict]) -> list[int]:
+  return sorted({entry["ensemble_size"] for summary in summaries
+                 for entry in summary["methods"].values()}, reverse=True)
+
+
+def statistic_choice_table(summaries: list[dict]) -> str:
+  """Per N: how far doing nothing lies above the floor's interval for each candidate statistic
+  (in widths of that interval, worst scenario), and the one chosen as the headline."""
+  from megu_jax.harness import targets  # noqa: PLC0415 (scikit-learn: only when rendering)
+  lines = ["| N | " + " | ".join(f"{family} {statistic}" for family, statistic
+                                  in targets.KL_STATISTICS) + " | headline |",
+           "|---|" + "---|" * (len(targets.KL_STATISTICS) + 1)]
+  for n in _sizes(summaries):
+    worst = [min(targets.separation(s, *fs, n=n) for s in summaries)
+             for fs in targets.KL_STATISTICS]
+    family, statistic = targets.headline_statistic(summaries, n)
+    lines.append(f"| {n} | " + " | ".join(f"{w:.2f}" for w in worst)
+                 + f" | {family} {statistic} |")
+  return "\n".join(lines)
+
+
+def floor_tables(summaries: list[dict]) -> str:
+  """Every method against the floor, per scenario, on the headline statistic of its N."""
+  from megu_jax.harness import targets  # noqa: PLC0415
+  lines = ["| scenario | method | N | statistic | within the floor's interval on |",
+           "|---|---|---|---|---|"]
+  choice = {n: targets.headline_statistic(summaries, n) for n in _sizes(summaries)}
+  for summary in summaries:
+    forget = ", ".join(summary["forget"]) or f"{summary['forget_size']} random"
+    for name, entry in summary["methods"].items():
+      family, statistic = choice[entry["ensemble_size"]]
+      rows = targets.against_floor(summary, name, family, statistic)
+      met = [split for split, row in rows.items() if row["within_floor"]]
+      lines.append(f"| {summary['scenario']} {forget} | {name} | {entry['ensemble_size']} | "
+                   f"{family} {statistic} | {', '.join(met) or 'none'} |")
+  return "\n".join(lines)
+
+
 def headline_section(results_dir: str) -> str:
   runs = headline_runs(results_dir)
   lines = ["## Headline: every method against Retrain's distribution", ""]
@@ -195,6 +233,14 @@ def headline_section(results_dir: str) -> str:
     return "\n".join(lines + ["_Not run yet: `python -m experiments.benchmark` with "
                               "`--config.ensemble_size` (docs/usage.md), then copy each "
                               "scenario's `ensemble.json` to `results/ensembles/headline/`._", ""])
+  lines += ["Which per-example statistic tells doing nothing from Retrain at each N, on the "
+            "forget split: the lower end of the original's 95 % interval over the upper end of "
+            "the floor's, minus 1, on the scenario where it is smallest (at or below 0: the "
+            "intervals overlap). The headline statistic of an N is the one where it is largest.",
+            "", statistic_choice_table(runs), "",
+            "Where each method lies within what a second Retrain ensemble of its size scores "
+            "(forget, retain, val: at or below the floor's upper bound; F: at or above its lower "
+            "bound):", "", floor_tables(runs), ""]
   for summary in runs:
     lines += [f"### {_title(summary)}", "", klom_table(summary), "", literature_table(summary),
               "", f"<sub>{provenance.describe(summary.get('provenance'))}</sub>", ""]
