@@ -1,7 +1,13 @@
-r"""MeGU's ablations against Retrain on one split (see megu_jax/ablations.py).
+r"""MeGU's ablations (or any variants of its settings) against Retrain's distribution.
 
-  python -m experiments.ablations --config=megu_jax/configs/fashion_mnist.py \
-      --workdir=runs/ablations [--config.seeds=3] [--gemini=transitions/fashion_mnist_gemini.npy]
+  python -m experiments.ablations --config=megu_jax/configs/fashion_mnist.py --workdir=runs/dev \
+      --config.ensemble_size=8 \
+      "--config.benchmark_scenarios=full_class:Shirt;full_class:Trouser;sub_class:Sneaker;sub_class:Coat;random:100@0;random:100@1;random:100@2"
+
+Without ``--variants`` it runs the ablations of docs/method.md §2, step 6 (megu_jax/harness/
+ablations.py); ``--variants="tau 0.7:guidance_temperature=0.7;no align:align_weight=0"`` runs
+those instead (beside the defaults). ``--gemini=PATH`` adds a Gemini T. Writes ablations.json and
+ablations.md into the workdir; trained models and finished runs are reused.
 """
 from absl import flags
 from ml_collections import config_flags
@@ -11,13 +17,17 @@ from megu_jax.harness import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for models and the ablation tables.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for models, runs and the tables.")
 _GEMINI = flags.DEFINE_string("gemini", None, "A T .npy built with the Gemini oracle (optional).")
+_VARIANTS = flags.DEFINE_string("variants", None,
+                                "NAME:field=value[,field=value];... instead of the ablations.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main():
-  summary = ablations.run(_CONFIG.value, _WORKDIR.value, _GEMINI.value)
+  table = (ablations.parse_variants(_VARIANTS.value) if _VARIANTS.value
+           else ablations.variants(_GEMINI.value))
+  summary = ablations.run(_CONFIG.value, _WORKDIR.value, table)
   print(ablations.markdown(summary))
 
 

@@ -228,8 +228,8 @@ def class_accuracies(logits: Any, labels: Any, num_classes: int) -> np.ndarray:
 def related_accuracy(logits: Any, labels: Any, related_classes: Sequence[int]) -> float:
   """Accuracy restricted to samples whose true label is one of `related_classes`.
 
-  `related_test_acc` in docs/method.md: the test accuracy on the classes most similar to the forgotten
-  one (see `most_similar_classes`), where over-unlearning shows first.
+  `related_test_acc` in docs/method.md: the test accuracy on the classes most similar to the
+  forgotten one (see `most_similar_classes`), where over-unlearning shows first.
 
   Args:
     logits: float [N, K], N >= 1, K >= 2, finite.

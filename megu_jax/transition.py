@@ -7,8 +7,8 @@ into a row-stochastic K x K matrix T with a zero diagonal,
 
 optionally keeping only the top-k entries of each row, validates it, and stores it as a ``.npy``
 file next to a JSON provenance record. :func:`build_transition` is the one way T is made from a
-source (a ``.npy`` file or an offline oracle): MeGU, the main job and ``experiments.build_transition``
-all call it. For sub-class forgetting T is over the coarse labels. MeGU draws its perturbing labels
+source (a ``.npy`` file or an offline oracle): MeGU, the main job and
+``experiments.build_transition`` all call it. For sub-class forgetting T is over the coarse labels. MeGU draws its perturbing labels
 from T in :mod:`megu_jax.unlearning.megu.labels`.
 """
 from __future__ import annotations

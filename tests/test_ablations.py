@@ -1,22 +1,37 @@
-"""The ablation script on digits: every variant changes one MeGU field; tables are written."""
+"""MeGU's variants on digits against Retrain's distribution: each variant changes MeGU fields;
+every row gets a table beside doing nothing and the floor."""
 import json
 
+import pytest
+
+from megu_jax import ensemble_metrics
 from megu_jax.configs import digits as digits_config
 from megu_jax.harness import ablations
+from megu_jax.harness import benchmark
 
 
-def test_ablations_write_a_table_with_retrain_and_each_variant(tmp_path, monkeypatch):
-  chosen = {"megu (defaults)": {}, "noise: none": {"noise": "none"},
+def test_variants_are_scored_per_row_against_retrain(tmp_path):
+  chosen = {ablations.DEFAULTS: {}, "noise: none": {"noise": "none"},
             "labels: argmax": {"label_mode": "argmax"}}
-  monkeypatch.setattr(ablations, "variants", lambda gemini: chosen)
   config = digits_config.get_config("quick")
-  config.seeds = 1
-  summary = ablations.run(config, str(tmp_path), None)
-  assert set(summary["summary"]) == {"retrain", *chosen}
+  config.ensemble_size = ensemble_metrics.MIN_MODELS_FORGETTING
+  config.ensemble_retain_examples, config.ensemble_val_examples = 100, 100
+  config.benchmark_scenarios = "full_class:3;random:20@1"
+  summary = ablations.run(config, str(tmp_path), chosen)
+  assert set(summary["rows"]) == {benchmark.cell_name("full_class", "3", 0),
+                                  benchmark.cell_name("random", "20@1", 0)}
+  for row in summary["rows"].values():
+    assert set(row["methods"]) == {"original", "retrain", *chosen}
+    for entry in row["methods"].values():
+      assert entry["ensemble_size"] == config.ensemble_size
+      assert {"forget", "retain", "val"} <= set(entry["gaussian_kl"])
   stored = json.loads((tmp_path / "ablations.json").read_text())
-  assert stored["summary"]["noise: none"]["avg_gap"]["n"] == 1
+  assert stored["rows"]["full_class_3_seed0"]["methods"]["noise: none"]["forgetting_quality"]
   table = (tmp_path / "ablations.md").read_text()
-  assert "| noise: none |" in table and "| retrain |" in table
+  assert "| noise: none |" in table and "| retrain |" in table and "| original |" in table
+  # A variant's runs are its own: the defaults' runs were not overwritten by the variants'.
+  assert (tmp_path / "rows" / "full_class_3_seed0" / "runs" / "megu-noise_none").is_dir()
+  assert (tmp_path / "rows" / "full_class_3_seed0" / "runs" / "megu").is_dir()
 
 
 def test_every_listed_variant_names_real_megu_fields():
@@ -24,3 +39,14 @@ def test_every_listed_variant_names_real_megu_fields():
   fields = set(megu.default_megu_config().keys())
   for overrides in ablations.variants("t.npy").values():
     assert set(overrides) <= fields
+
+
+def test_variants_from_the_command_line_and_their_bad_values():
+  assert ablations.parse_variants("tau:guidance_temperature=0.7,noise=none") == {
+      ablations.DEFAULTS: {}, "tau": {"guidance_temperature": 0.7, "noise": "none"}}
+  with pytest.raises(ValueError, match="must read NAME:field=value"):
+    ablations.parse_variants("tau")
+  config = digits_config.get_config("quick")
+  config.ensemble_size = 3
+  with pytest.raises(ValueError, match=r"unknown config.megu field\(s\) \['tau'\]"):
+    ablations.run(config, "/nonexistent", {"bad": {"tau": 1}})

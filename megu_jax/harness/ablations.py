@@ -1,89 +1,150 @@
-"""MeGU's ablations (docs/method.md §2, step 6) against Retrain, on one split.
+"""MeGU's ablations and tuning variants, judged against Retrain's distribution on several rows.
 
-  python -m experiments.ablations --config=megu_jax/configs/fashion_mnist.py \
-      --workdir=runs/ablations [--config.seeds=3] [--gemini=transitions/fashion_mnist_gemini.npy]
+  python -m experiments.ablations --config=megu_jax/configs/fashion_mnist.py --workdir=runs/dev \
+      --config.ensemble_size=8 \
+      "--config.benchmark_scenarios=full_class:Shirt;full_class:Trouser;sub_class:Sneaker"
 
-Variants: the noise pair (none / negative only / positive only / both), the source of T (uniform,
-prototype, hierarchy, and a Gemini file when given) and sampling vs argmax perturbing labels; each
-changes one field of ``config.megu`` from its default. Reuses the trained models of the workdir
-(shared with experiments.unlearn when it is the same directory) and writes ``ablations.json`` and
-``ablations.md``.
+Each variant changes fields of ``config.megu`` (docs/method.md §2, step 6: the noise pair, the
+source of T, sampled vs argmax labels, model-guided vs T-only labels; or any other fields, given
+as ``--variants``). For every row (``config.benchmark_scenarios``; ``random:100@1`` is the
+forget draw 1) it trains what is missing of the row's ensembles (:mod:`.ensemble`, shared under
+``workdir/models``), runs every variant once from each original, and scores it per example
+against the oracles, beside doing nothing and the floor. Writes ``ablations.json`` and
+``ablations.md``; every run is kept on disk, so a rerun (or a new variant) computes only what is
+missing.
 """
-import copy
-import dataclasses
-import os
+from __future__ import annotations
 
-import tqdm
+import os
+import re
+from typing import Any
 
 from megu_jax import io_utils
-from megu_jax import metrics
-from megu_jax.harness import experiment
+from megu_jax.harness import benchmark
+from megu_jax.harness import ensemble
 from megu_jax.harness import provenance
-from megu_jax.harness import reporting
+from megu_jax.harness import targets
+
+DEFAULTS = "megu (defaults)"
+
 
 def variants(gemini_path: str | None) -> dict[str, dict]:
   """Name -> the ``config.megu`` fields it changes (the default is the first, unchanged)."""
   table = {
-      "megu (defaults)": {},
+      DEFAULTS: {},
       "noise: none": {"noise": "none"},
       "noise: negative only": {"noise": "negative"},
       "noise: positive only": {"noise": "positive"},
-      "noise: both": {"noise": "both"},
       "T: uniform": {"transition": "uniform"},
-      "T: prototype": {"transition": "prototype"},
+      "T: prototype (MeGU's own sample)": {"transition": "prototype"},
       "T: hierarchy": {"transition": "hierarchy"},
-      "labels: sample": {"label_mode": "sample"},
       "labels: argmax": {"label_mode": "argmax"},
+      "labels: T only (no model guidance)": {"label_guidance": "transition"},
   }
   if gemini_path:
     table["T: gemini"] = {"transition": gemini_path}
   return table
 
 
-def run(config, workdir: str, gemini_path: str | None) -> dict:
-  table = variants(gemini_path)
-  runs: dict[str, list[dict]] = {name: [] for name in ["retrain", *table]}
-  bar = tqdm.tqdm(total=config.seeds * len(table), unit="run")
-  for seed in range(config.seeds):
-    seed_config = copy.deepcopy(config)
-    with seed_config.unlocked():
-      seed_config.seed = seed
-      seed_config.methods = "megu"
-    setting = experiment.prepare(seed_config, os.path.join(workdir, f"ablations_seed{seed}"),
-                                 models_root=os.path.join(workdir, "models"))
-    retrain_result, _ = experiment.run_method(setting, "retrain")
-    runs["retrain"].append(retrain_result)
+def parse_variants(text: str) -> dict[str, dict]:
+  """``"name:field=value,field=value;name2:..."`` -> {name: {field: value}} (values as numbers,
+  booleans or strings)."""
+  table = {DEFAULTS: {}}
+  for item in filter(None, (part.strip() for part in text.split(";"))):
+    name, sep, assignments = item.partition(":")
+    if not sep:
+      raise ValueError(f"--variants item {item!r} must read NAME:field=value[,field=value]")
+    overrides = {}
+    for assignment in filter(None, (a.strip() for a in assignments.split(","))):
+      field, eq, value = assignment.partition("=")
+      if not eq:
+        raise ValueError(f"--variants item {item!r}: {assignment!r} must read field=value")
+      overrides[field.strip()] = _parse_value(value.strip())
+    table[name.strip()] = overrides
+  return table
+
+
+def _parse_value(value: str):
+  for cast in (int, float):
+    try:
+      return cast(value)
+    except ValueError:
+      pass
+  return {"True": True, "False": False}.get(value, value)
+
+
+def _slug(name: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "variant"
+
+
+def run(config, workdir: str, table: dict[str, dict]) -> dict[str, Any]:
+  """Every variant of ``table`` on every row of ``config.benchmark_scenarios``."""
+  from megu_jax.unlearning import megu  # noqa: PLC0415
+  known = set(megu.default_megu_config().keys())
+  for name, overrides in table.items():
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+      raise ValueError(f"variant {name!r} changes unknown config.megu field(s) {unknown}")
+  rows = benchmark.parse_scenarios(config.benchmark_scenarios)
+  cells = {row: benchmark.cell_config(config, *row, seed=config.seed) for row in rows}
+  for cell in cells.values():
+    with cell.unlocked():
+      cell.methods = "original,retrain,megu"
+  checked = {row: ensemble.validate(cell) for row, cell in cells.items()}  # all before training
+  size = int(config.ensemble_size)
+  results: dict[str, Any] = {}
+  for row, cell in cells.items():
+    directory = os.path.join(workdir, "rows", benchmark.cell_name(*row, seed=config.seed))
+    ens = ensemble.prepare_ensemble(cell, directory, os.path.join(workdir, "models"),
+                                    checked[row])
+    oracle = ens.oracle_margins
+    floor = ens.reference_runs["retrain"]
+    entries = {}
+    for name in ("original", "retrain"):
+      entries[name] = _entry(ens.reference_runs[name], ens, floor, oracle)
     for name, overrides in table.items():
-      bar.set_description(f"{name} | seed {seed}")
-      variant_config = copy.deepcopy(setting.method_config)
-      with variant_config.unlocked():
-        variant_config.megu.update(overrides)
-      result, _ = experiment.run_method(
-          dataclasses.replace(setting, method_config=variant_config), "megu")
-      result["avg_gap"] = metrics.avg_gap(result, retrain_result)
-      runs[name].append(result)
-      bar.update(1)
-  bar.close()
-  summary = {"dataset": config.dataset, "scenario": config.scenario, "forget": config.forget,
-             "seeds": config.seeds, "variants": table,
-             "summary": {name: metrics.aggregate(results) for name, results in runs.items()},
-             "provenance": provenance.record()}
+      runs = ensemble.run_method_ensemble(ens, "megu", size, overrides=overrides,
+                                          tag=f"megu-{_slug(name)}" if overrides else "megu")
+      entries[name] = _entry(runs, ens, floor, oracle)
+    results[benchmark.cell_name(*row, seed=config.seed)] = {
+        "scenario": row[0], "forget": row[1], "ensemble_size": size, "methods": entries}
+  summary = {"dataset": config.dataset, "ensemble_size": size, "variants": table,
+             "rows": results, "provenance": provenance.record()}
   io_utils.atomic_write_json(os.path.join(workdir, "ablations.json"), summary)
   io_utils.atomic_write_text(os.path.join(workdir, "ablations.md"), markdown(summary))
   return summary
 
 
+def _entry(runs, ens, floor_runs, oracle) -> dict:
+  entry = ensemble.summarize_method(runs, ens.oracle_runs, floor_runs, oracle,
+                                    seed=int(ens.config.seed))
+  entry.pop("per_example", None)
+  return entry
+
+
 def markdown(summary: dict) -> str:
-  keys = ("retain_test_acc", "forget_test_acc", "mia_entropy_lr", "avg_gap", "time_s",
-          "related_test_acc", "probe_forget_acc")
-  titles = dict(reporting.TABLE_COLUMNS)
-  lines = [f"# MeGU ablations: {summary['dataset']}, {summary['scenario']} {summary['forget']}, "
-           f"{summary['seeds']} seed(s)", "",
-           "Means over seeds; accuracies and MIA in %. Each row changes one field of "
-           "`config.megu` from the defaults.", "",
-           "| variant | " + " | ".join(titles[k] for k in keys) + " |",
-           "|---|" + "---|" * len(keys)]
-  for name, stats in summary["summary"].items():
-    lines.append(f"| {name} | " + " | ".join(
-        reporting.format_value(k, stats[k]["mean"]) if k in stats else "–" for k in keys) + " |")
+  """One table per row: each variant's forget / retain / val statistic and F, the floor's
+  interval beside, and the literature's Dr, Df, test."""
+  lines = [f"# MeGU variants against Retrain's distribution: {summary['dataset']}, "
+           f"N = {summary['ensemble_size']}", ""]
+  for name, row in summary["rows"].items():
+    family, statistic = targets.headline_statistic([row], row["ensemble_size"])
+    lines += [f"## {name} (per-example {family} {statistic})", "",
+              "| variant | forget | retain | val | F | within the floor on | Dr | Df | test |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for variant, entry in row["methods"].items():
+      checks = targets.against_floor(row, variant, family, statistic)
+      cells = [f"{checks[s]['value']:.3f}" for s in ("forget", "retain", "val")]
+      met = [s for s, c in checks.items() if c["within_floor"]]
+      accuracies = [f"{100 * entry[k]['mean']:.1f}"
+                    for k in ("retain_test_acc", "forget_test_acc", "test_acc")]
+      lines.append(f"| {variant} | " + " | ".join(cells)
+                   + f" | {entry['forgetting_quality']['F']:.3f} | {', '.join(met) or 'none'} | "
+                   + " | ".join(accuracies) + " |")
+    floor = row["methods"]["retrain"]["floor"][family]
+    lines += ["", "Floor's 95 % interval: " + ", ".join(
+        f"{s} {floor[s][f'{statistic}_ci95'][0]:.3f}–{floor[s][f'{statistic}_ci95'][1]:.3f}"
+        for s in ("forget", "retain", "val")) + ".", ""]
+  lines.append(f"<sub>{provenance.describe(summary.get('provenance'))}</sub>")
   return "\n".join(lines) + "\n"
+

@@ -1,8 +1,8 @@
 """The benchmark: every method x scenario x seed, resumable cell by cell, aggregated over seeds.
 
 ``run_benchmark(config, workdir)`` reuses one original and one Retrain model per seed and split
-(under ``workdir/models``, shared with :mod:`megu_jax.harness.experiment`), writes each finished method's
-result as its own file ``workdir/cells/<scenario>_<what>_seed<s>/methods/<method>.json``
+(under ``workdir/models``, shared with :mod:`megu_jax.harness.experiment`), writes each finished
+method's result as its own file ``workdir/cells/<scenario>_<what>_seed<s>/methods/<method>.json``
 (atomically), and
 skips those on a rerun: a killed benchmark continues where it stopped. At the end it writes
 ``benchmark.json`` (every cell plus mean and standard deviation), ``benchmark.md`` and plots.
@@ -56,11 +56,15 @@ def cell_config(config: ml_collections.ConfigDict, scenario: str, what: str,
   with cell.unlocked():
     cell.scenario, cell.seed = scenario, seed
     if scenario == "random":
+      # random:100@2 is draw 2 of 100 samples; without @, the draw follows the seed.
+      size, _, draw = what.partition("@")
       try:
-        cell.forget_size = int(what)
+        cell.forget_size = int(size)
+        if draw:
+          cell.split_seed = int(draw)
       except ValueError:
-        raise ValueError(f"config.benchmark_scenarios: random:{what!r} needs a sample count"
-                         ) from None
+        raise ValueError(f"config.benchmark_scenarios: random:{what!r} needs a sample count "
+                         "(and, after @, a draw number)") from None
       cell.forget = ""
     else:
       cell.forget = what
@@ -171,7 +175,8 @@ def summarize(records: list[dict]) -> dict[str, dict[str, dict]]:
 
 
 def benchmark_markdown(benchmark: dict) -> str:
-  """Mean ± std per method and scenario, columns in the literature's order (Dr, Df, MIA, gap, time)."""
+  """Mean ± std per method and scenario, columns in the literature's order (Dr, Df, MIA, gap,
+  time)."""
   columns = [(key, title) for key, title in reporting.TABLE_COLUMNS if key in SUMMARY_METRICS]
   lines = [f"# Benchmark on {benchmark['dataset']}: {benchmark['seeds']} seed(s)", "",
            "Mean ± standard deviation over seeds; accuracies and MIA in %, time in seconds "

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from typing import Any
 
 import ml_collections
@@ -186,8 +187,10 @@ def role_config(config: ml_collections.ConfigDict, role: str, seed: int
 
 
 def train_members(config, models_root: str, dataset, roles: dict[str, list[int]]
-                  ) -> dict[str, list[Member]]:
-  """Every model of ``roles``, trained one after another (resumable model by model)."""
+                  ) -> tuple[dict[str, list[Member]], dict[str, float]]:
+  """Every model of ``roles``, trained one after another (resumable model by model); and the
+  training's timing: ``models_trained`` now, the phase's ``training_wall_s``, and
+  ``models_training_s``, what those models' own training loops took (compilation included)."""
   jobs = []
   for role, seeds in roles.items():
     for i, seed in enumerate(seeds):
@@ -198,13 +201,21 @@ def train_members(config, models_root: str, dataset, roles: dict[str, list[int]]
   if config.get("ensemble_training", "sequential") == "vmap":
     _train_in_groups(config, jobs, dataset)
   trained: dict[str, list[Member]] = {role: [] for role in roles}
+  fresh = {d for *_, d in jobs if not os.path.exists(os.path.join(d, "final_metrics.json"))}
+  start = time.perf_counter()
   bar = tqdm.tqdm(jobs, unit="model", dynamic_ncols=True, disable=not config.get("progress", True))
   for role, i, count, seed, member, directory in bar:
     bar.set_description(f"{role} {i + 1}/{count}")
     model, final = trained_member(member, directory, dataset)
     trained[role].append(Member(model, final, directory, seed))
   bar.close()
-  return trained
+  # What this run's training cost against what its models' own training loops took: the
+  # ensemble's overhead (restores, evaluation of each final model, bookkeeping).
+  finals = [m.final for ms in trained.values() for m in ms if m.directory in fresh]
+  timing = {"models_trained": len(finals), "training_wall_s": time.perf_counter() - start,
+            "models_training_s": float(sum(f["time_s"] + f.get("compile_s", 0.0)
+                                           for f in finals))}
+  return trained, timing
 
 
 def _train_in_groups(config, jobs, dataset) -> None:
@@ -237,7 +248,8 @@ def example_rows(config: ml_collections.ConfigDict, split: splits.ForgetSplit) -
 
 def margins_of(outputs: dict[str, dict], dataset, rows: dict[str, np.ndarray]
                ) -> dict[str, np.ndarray]:
-  """float64 margins per split from a model's train/test outputs (:func:`run_method_with_outputs`)."""
+  """float64 margins per split from a model's train/test outputs
+  (:func:`~megu_jax.harness.experiment.run_method_with_outputs`)."""
   train_logits, test_logits = outputs["train"]["logits"], outputs["test"]["logits"]
   return {"forget": ensemble_metrics.margins(train_logits[rows["forget"]],
                                              dataset.train_labels[rows["forget"]]),
@@ -345,18 +357,36 @@ def summarize_method(runs: list[dict], oracle_runs: list[dict], floor_runs: list
 
 
 # --- the run --------------------------------------------------------------------------------------
-def run_ensemble(config: ml_collections.ConfigDict, workdir: str,
-                 models_root: str | None = None) -> dict[str, Any]:
-  """Trains what is missing, runs every method from each original, writes the results."""
-  from megu_jax.harness import ensemble_report  # noqa: PLC0415 (matplotlib: only when writing)
-  dataset, split, methods, sizes = validate(config)
+@dataclasses.dataclass
+class Ensemble:
+  """Everything the methods of one split share: the trained models, the per-original settings,
+  the examples, and the references' runs (evaluated once, kept on disk)."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  dataset: Any
+  split: splits.ForgetSplit
+  trained: dict[str, list[Member]]
+  members: list[experiment.Setting]   # one per original; its Retrain is the floor model
+  rows: dict[str, np.ndarray]
+  oracle_runs: list[dict]
+  reference_runs: dict[str, list[dict]]  # "original", "retrain" (the floor)
+  timing: dict[str, float]               # of the training phase (train_members)
+
+  @property
+  def oracle_margins(self) -> dict[str, np.ndarray]:
+    return stack(self.oracle_runs)
+
+
+def prepare_ensemble(config: ml_collections.ConfigDict, workdir: str,
+                     models_root: str | None = None, checked: tuple | None = None) -> Ensemble:
+  """Validates, trains what is missing, evaluates the references: an :class:`Ensemble`."""
+  dataset, split, _, _ = checked or validate(config)
   models_root = models_root or os.path.join(workdir, "models")
   os.makedirs(workdir, exist_ok=True)
   splits.save_split(split, os.path.join(workdir, "split"))
   size = int(config.ensemble_size)
-  trained = train_members(config, models_root, dataset, member_seeds(config, size))
+  trained, timing = train_members(config, models_root, dataset, member_seeds(config, size))
   rows = example_rows(config, split)
-
   members = [experiment.setting_from_models(
       member_config(config, original.seed),
       os.path.join(workdir, "members", f"seed{original.seed}"), dataset, split,
@@ -375,33 +405,65 @@ def run_ensemble(config: ml_collections.ConfigDict, workdir: str,
                                 _run_key(config, role, model.directory, split)))
     return results
 
-  oracle_runs = reference_runs("oracle")
-  oracle_margins = stack(oracle_runs)
-  runs: dict[str, list[dict]] = {"original": reference_runs("original"),
-                                 "retrain": reference_runs("floor")}
-  failures: dict[str, list[dict]] = {}
-  jobs = [(name, i) for name in methods if name not in REFERENCES for i in range(sizes[name])]
-  bar = tqdm.tqdm(jobs, unit="run", dynamic_ncols=True, disable=not config.get("progress", True))
-  for name, i in bar:
-    setting, original = members[i], trained["original"][i]
-    bar.set_description(f"{name} from original {i + 1}/{sizes[name]}")
-    path = os.path.join(workdir, "runs", name, f"seed{original.seed}")
+  return Ensemble(config=config, workdir=workdir, dataset=dataset, split=split, trained=trained,
+                  members=members, rows=rows, oracle_runs=reference_runs("oracle"), timing=timing,
+                  reference_runs={"original": reference_runs("original"),
+                                  "retrain": reference_runs("floor")})
+
+
+def run_method_ensemble(ens: Ensemble, name: str, size: int, *, overrides: dict | None = None,
+                        tag: str | None = None, failures: dict | None = None) -> list[dict]:
+  """``name`` once from each of the first ``size`` originals: their runs (kept on disk under
+  ``runs/<tag or name>/``). ``overrides`` change fields of ``config.<name>`` (a variant; its
+  runs are keyed by its settings, so a changed default never reuses an old result). A run that
+  fails is reported in ``failures`` with its seed; the others are kept."""
+  runs = []
+  bar = tqdm.tqdm(range(size), unit="run", dynamic_ncols=True,
+                  disable=not ens.config.get("progress", True))
+  for i in bar:
+    setting, original = ens.members[i], ens.trained["original"][i]
+    bar.set_description(f"{tag or name} from original {i + 1}/{size}")
+    if overrides:
+      method_config = copy.deepcopy(setting.method_config)
+      with method_config.unlocked():
+        method_config[name].update(overrides)
+      setting = dataclasses.replace(setting, method_config=method_config)
+    path = os.path.join(ens.workdir, "runs", tag or name, f"seed{original.seed}")
     try:
-      runs.setdefault(name, []).append(run_member(
-          setting, name, rows, path,
-          _run_key(setting.method_config, name, original.directory, split)))
+      runs.append(run_member(setting, name, ens.rows, path,
+                             _run_key(setting.method_config, name, original.directory,
+                                      ens.split)))
     except unlearning.UnlearningInputError:
       raise  # bad settings fail every original alike: stop, naming them
     except Exception as error:  # noqa: BLE001  (one failed original must not lose the others)
-      failures.setdefault(name, []).append({"seed": original.seed,
-                                            "error": f"{type(error).__name__}: {error}"})
+      if failures is None:
+        raise
+      failures.setdefault(tag or name, []).append(
+          {"seed": original.seed, "error": f"{type(error).__name__}: {error}"})
       logger.warning("%s failed on the original of seed %d (%s: %s); its other originals are "
-                     "kept", name, original.seed, type(error).__name__, error)
+                     "kept", tag or name, original.seed, type(error).__name__, error)
   bar.close()
+  return runs
 
-  summary = summarize_all(config, dataset, split, methods, runs, oracle_runs, oracle_margins,
-                          failures, rows)
-  ensemble_report.write_outputs(workdir, summary, runs, oracle_margins, rows, dataset)
+
+def run_ensemble(config: ml_collections.ConfigDict, workdir: str,
+                 models_root: str | None = None) -> dict[str, Any]:
+  """Trains what is missing, runs every method from each original, writes the results."""
+  from megu_jax.harness import ensemble_report  # noqa: PLC0415 (matplotlib: only when writing)
+  start = time.perf_counter()
+  checked = validate(config)
+  _, _, methods, sizes = checked
+  ens = prepare_ensemble(config, workdir, models_root, checked)
+  runs: dict[str, list[dict]] = dict(ens.reference_runs)
+  failures: dict[str, list[dict]] = {}
+  for name in methods:
+    if name not in REFERENCES:
+      runs[name] = run_method_ensemble(ens, name, sizes[name], failures=failures)
+  summary = summarize_all(config, ens.dataset, ens.split, methods, runs, ens.oracle_runs,
+                          ens.oracle_margins, failures, ens.rows)
+  summary["timing"] = {**ens.timing, "wall_s": time.perf_counter() - start}
+  ensemble_report.write_outputs(workdir, summary, runs, ens.oracle_margins, ens.rows,
+                                ens.dataset)
   return summary
 
 

@@ -22,11 +22,6 @@ from megu_jax.harness import provenance  # noqa: E402
 
 SPLITS = ("forget", "retain", "val")
 HEADLINE_DIR = os.path.join("ensembles", "headline")
-# The per-example statistics, as "family.split-statistic" keys of ensemble.json.
-STATISTICS = {"klom.p95": ("klom", "p95"), "klom.mean": ("klom", "mean"),
-              "gaussian_kl.mean": ("gaussian_kl", "mean"), "gaussian_kl.p95": ("gaussian_kl", "p95")}
-
-
 def _ci(entry: dict, statistic: str) -> list[float] | None:
   return entry.get(f"{statistic}_ci95")
 
@@ -163,8 +158,8 @@ def literature_table(summary: dict) -> str:
   lines = ["| method | " + " | ".join(t for _, t in columns) + " | avg gap | score | time (s) |",
            "|---|" + "---|" * (len(columns) + 3)]
   oracles = summary.get("oracles", {})
-  lines.append("| Retrain (the oracles) | " + " | ".join(_percent(oracles.get(k))
-                                                       for k, _ in columns) + " | – | – | – |")
+  cells = " | ".join(_percent(oracles.get(k)) for k, _ in columns)
+  lines.append(f"| Retrain (the oracles) | {cells} | – | – | – |")
   for name, entry in summary["methods"].items():
     time = entry.get("time_s")
     time = "–" if not time else f"{time['mean']:.1f}"
@@ -253,8 +248,9 @@ def headline_summary(results_dir: str) -> str:
   if not runs:
     return "_The headline run has not been committed yet ([docs/results.md](docs/results.md))._\n"
   names = list(dict.fromkeys(name for summary in runs for name in summary["methods"]))
-  header = "| method | " + " | ".join(f"{s['scenario']} {', '.join(s['forget']) or s['forget_size']}: "
-                                       "forget / retain / val KLoM P95, F" for s in runs) + " |"
+  names_of = lambda s: f"{s['scenario']} {', '.join(s['forget']) or s['forget_size']}"
+  header = "| method | " + " | ".join(f"{names_of(s)}: forget / retain / val KLoM P95, F"
+                                       for s in runs) + " |"
   lines = [header, "|---|" + "---|" * len(runs)]
   for name in names:
     cells = []

@@ -82,11 +82,14 @@ def demo_table(demo: dict | None) -> str:
 def recipes_table(record: dict | None) -> str:
   if record is None:
     return "_Not measured yet: `python -m experiments.compare_recipes` (docs/usage.md)._\n"
-  lines = ["| training images | epochs | images seen | accuracy on its training set | test "
-           "accuracy | margin AUC (members vs test) | training time (s) |",
-           "|---|---|---|---|---|---|---|"]
+  full = [row["images_seen"] for row in record["recipes"] if not row["train_subset"]]
+  lines = ["| training images | epochs | images seen" + (" (× the full-set recipe's)" if full
+                                                      else "")
+           + " | accuracy on its training set | test accuracy | margin AUC (members vs test) | "
+           "training time (s) |", "|---|---|---|---|---|---|---|"]
   for row in record["recipes"]:
-    lines.append(f"| {row['train_subset'] or 'all'} | {row['epochs']} | {row['images_seen']:,} | "
+    seen = f"{row['images_seen']:,}" + (f" ({row['images_seen'] / full[0]:.2f}×)" if full else "")
+    lines.append(f"| {row['train_subset'] or 'all'} | {row['epochs']} | {seen} | "
                  f"{100 * row['train_acc']:.1f} | {100 * row['test_acc']:.1f} | "
                  f"{row['margin_auc']:.3f} | {row['time_s']:.0f} |")
   lines += ["", _provenance_line(record)]
@@ -194,7 +197,7 @@ python -m experiments.bench_throughput    # results/performance/throughput.json
 python -m experiments.bench_scaling       # results/performance/scaling.json
 python -m experiments.bench_ensemble_training   # results/performance/ensemble_training.json
 python -m experiments.bench_unlearning --config=megu_jax/configs/fashion_mnist.py \\
-    --workdir=runs/bench_unlearning --config.methods=all   # results/performance/unlearning_cost.json
+    --workdir=runs/bench_unlearning --config.methods=all  # results/performance/unlearning_cost.json
 ```
 
 ## Train-step throughput
@@ -267,7 +270,8 @@ the retired protocol, is in [tuning.md](tuning.md).
 
 A per-example test can only see membership where the original model remembers its training
 images. The Fashion-MNIST recipe therefore trains on a fixed, class-balanced subset, long enough
-to fit it completely; the recipes measured:
+to fit it completely. The recipes measured (cost is the images a training sees; the training
+times are comparable only within one run on quiet cores, and the load is in the line below):
 
 {recipes_table(load(results_dir, RECIPES))}
 {ensemble_report.headline_section(results_dir)}

@@ -237,7 +237,8 @@ def machine_info(extra_versions: dict[str, str] | None = None) -> dict[str, Any]
   except AttributeError:  # not on Linux
     usable_cores = os.cpu_count()
   info = {
-      "cpu_model": provenance.cpu_model(), "cpu_count": os.cpu_count(), "usable_cores": usable_cores,
+      "cpu_model": provenance.cpu_model(), "cpu_count": os.cpu_count(),
+      "usable_cores": usable_cores,
       "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
       "platform": platform.platform(), "python": platform.python_version(),
       "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
