@@ -6,8 +6,8 @@ r"""The benchmark: every method x scenario x seed, resumable, aggregated into ta
 Scenarios come from ``--config.benchmark_scenarios`` (default
 ``full_class:Shirt;sub_class:Sneaker;random:100``). A rerun skips every finished cell. Writes
 ``benchmark.json``, ``benchmark.md``, ``dr_vs_df.png``, ``mia.png`` and ``time.png``.
-Failures print one line ``error: ...`` (``--verbose``: with the traceback); README "Failure
-behaviour" lists them.
+Failures print one line ``error: ...`` (``--verbose``: with the traceback); docs/failures.md
+lists them.
 """
 from absl import flags
 from ml_collections import config_flags

@@ -4,8 +4,8 @@ r"""Trains the original model, or with ``--config.retrain=True`` the Retrain gol
 
 Running the same command again resumes from the last checkpoint; a finished run is not redone.
 SIGTERM or Ctrl-C stops it after the current step with a checkpoint (exit code 143 / 130).
-Failures print one line ``error: ...`` (``--verbose``: with the traceback); README "Failure
-behaviour" lists them.
+Failures print one line ``error: ...`` (``--verbose``: with the traceback); docs/failures.md
+lists them.
 """
 from absl import flags
 from ml_collections import config_flags

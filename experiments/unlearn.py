@@ -2,15 +2,16 @@ r"""The main job: make a trained model forget, and compare it with Retrain and t
 
   python -m experiments.unlearn --config=megu_jax/configs/fashion_mnist.py --workdir=runs/demo
 
-Trains (or resumes) the original and the Retrain model, builds T with the prototype oracle unless
-``--config.transition=PATH`` is given, runs ``--config.methods`` and writes ``results.json``,
-``report.md``, ``per_class_accuracy.png`` and ``transition.png`` into the workdir.
+Trains (or resumes) the original and the Retrain model, builds T from ``config.megu.transition``
+(the prototype oracle unless ``--config.megu.transition=PATH`` names a .npy), runs
+``--config.methods`` and writes ``results.json``, ``report.md``, ``per_class_accuracy.png`` and
+``transition.png`` into the workdir.
 Select the rest with ``--config.scenario`` (full_class | sub_class | random), ``--config.forget``
 (comma-separated names), ``--config.forget_size=N`` (random) and ``--config.seed``.
 
 Running the same command again after a kill resumes the reference models' training from their
 checkpoints; results are written atomically at the end. Failures print one line ``error: ...``
-(``--verbose``: with the traceback); README "Failure behaviour" lists them.
+(``--verbose``: with the traceback); docs/failures.md lists them.
 """
 from absl import flags
 from ml_collections import config_flags

@@ -1,4 +1,4 @@
-"""Failure behaviour (README "Failure behaviour"), case by case.
+"""Failure behaviour (docs/failures.md), case by case.
 
 Kills and stop signals resume to the uninterrupted result, damaged files are reported or fallen
 back from, NaNs stop training at a named step, bad input fails in one line before any compute,
