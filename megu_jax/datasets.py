@@ -102,6 +102,10 @@ class Dataset:
     test_subclasses: int32 [M], or None.
     subclass_names: names of the sub-classes, or None.
     flip_ok: whether a horizontal flip preserves the label (False for digits).
+    unseen_images, unseen_labels, unseen_subclasses: training-pool images that no model of the
+      recipe trains on (the rest of the pool when it trains on a subset, see
+      :func:`training_subset`), with their labels: the same distribution as the training
+      images, never members; None when every pool image is trained on.
 
   The grouping fields default to None (no grouping above or below the task classes).
   """
@@ -118,6 +122,9 @@ class Dataset:
   test_subclasses: np.ndarray | None = None
   subclass_names: tuple[str, ...] | None = None
   flip_ok: bool = True
+  unseen_images: np.ndarray | None = None
+  unseen_labels: np.ndarray | None = None
+  unseen_subclasses: np.ndarray | None = None
 
   def __post_init__(self):
     # Cheap O(N) checks: a mislabelled or mis-shaped data set would otherwise surface as a
@@ -148,6 +155,12 @@ class Dataset:
                     len(self.train_images), len(self.subclass_names))
       _check_labels(f"{self.name}: test_subclasses", self.test_subclasses,
                     len(self.test_images), len(self.subclass_names))
+
+    if (self.unseen_images is None) != (self.unseen_labels is None):
+      raise DatasetError(f"{self.name}: unseen_images and unseen_labels go together")
+    if self.unseen_images is not None:
+      _check_labels(f"{self.name}: unseen_labels", self.unseen_labels, len(self.unseen_images),
+                    len(self.class_names))
 
   def __repr__(self) -> str:
     # The default dataclass repr would print the image arrays.
@@ -310,7 +323,8 @@ def training_subset(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
   The subset is balanced over the finest labels the data set carries (its sub-classes when it
   has them), so that a fine and a coarse model of the same recipe see the same images; it is a
   function of (size, seed) only. The positions are kept sorted, so the subset's order follows
-  the source's. Its name gains ``_subset<size>``.
+  the source's. Its name gains ``_subset<size>``; the rest of the pool becomes its ``unseen_*``
+  images (non-members of every model of the recipe).
 
   Raises:
     DatasetError: ``size`` is not in [number of fine classes, number of training images].
@@ -334,11 +348,14 @@ def training_subset(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
                          "subset needs")
     chosen.append(rng.choice(members, count, replace=False))
   positions = np.sort(np.concatenate(chosen))
+  unseen = np.setdiff1d(np.arange(len(finest)), positions)
+  subclasses = dataset.train_subclasses
   return dataclasses.replace(
       dataset, name=f"{dataset.name}_subset{size}", train_images=dataset.train_images[positions],
       train_labels=dataset.train_labels[positions],
-      train_subclasses=(None if dataset.train_subclasses is None
-                        else dataset.train_subclasses[positions]))
+      train_subclasses=None if subclasses is None else subclasses[positions],
+      unseen_images=dataset.train_images[unseen], unseen_labels=dataset.train_labels[unseen],
+      unseen_subclasses=None if subclasses is None else subclasses[unseen])
 
 
 def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None,

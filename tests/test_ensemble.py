@@ -26,7 +26,7 @@ N = ensemble_metrics.MIN_MODELS_FORGETTING
 def ensemble_config(**overrides):
   config = digits_config.get_config("quick")
   config.ensemble_size = N
-  config.methods = "original,retrain,finetune"
+  config.methods = "original,retrain,finetune,megu"
   config.ensemble_retain_examples = 200
   config.ensemble_val_examples = 150
   config.update_from_flattened_dict(overrides)
@@ -44,7 +44,7 @@ def test_ensemble_json_holds_every_field_the_issue_names(finished):
   workdir, summary = finished
   on_disk = json.loads((workdir / "ensemble.json").read_text())
   assert on_disk["methods"].keys() == summary["methods"].keys() == {"original", "retrain",
-                                                                    "finetune"}
+                                                                    "finetune", "megu"}
   assert on_disk["dataset"] == "digits" and on_disk["scenario"] == "full_class"
   assert on_disk["forget"] == ["3"] and on_disk["ensemble_size"] == N
   assert on_disk["examples"]["retain"] == 200 and on_disk["examples"]["val"] == 150
@@ -77,6 +77,16 @@ def test_doing_nothing_is_further_from_retrain_than_the_floor(finished):
           > 5 * floor["gaussian_kl"]["forget"]["mean"])
   assert original["klom"]["forget"]["mean"] > floor["klom"]["forget"]["mean"]
   assert original["forget_test_acc"]["mean"] > 0.8 > 0.05 > floor["forget_test_acc"]["mean"]
+
+
+def test_megu_moves_the_forgotten_margins_toward_the_oracles(finished):
+  workdir, _ = finished
+  load = lambda name: np.load(workdir / "margins" / f"{name}.npz")["forget"]
+  oracle = load("oracle").mean(0)
+  distance = {name: np.abs(load(name).mean(0) - oracle).mean() for name in ("original", "megu")}
+  # Per forgotten example, the mean margin over the ensemble: the original is sure of class 3,
+  # the oracles never saw it; MeGU's margins land far closer to the oracles'.
+  assert distance["megu"] < 0.5 * distance["original"], distance
 
 
 def test_a_rerun_trains_nothing_and_a_larger_ensemble_only_the_new_seeds(finished, tmp_path,

@@ -312,3 +312,45 @@ def test_unknown_setting_and_out_of_range_labels_fail_before_any_compute(
   wrong = unlearning.UnlearnData(forget.images, forget.labels + 20, forget.indices)
   with pytest.raises(ValueError, match=r"forget_data.labels span \[23, 23\].*\[0, 10\)"):
     megu_lib.megu(trained, wrong, retain, experiment_config(), jax.random.key(0))
+
+
+# --- the Retrain-free stopping rule -------------------------------------------------------------
+def test_calibration_without_unseen_images_fails_naming_the_field(digits, trained, split,
+                                                                   no_compute):
+  forget, retain = unlearn_data(digits, split)
+  with pytest.raises(unlearning.UnlearningInputError,
+                     match="config.megu.calibration='non_member_margin' needs non_members"):
+    megu_lib.megu(trained, forget, retain, experiment_config(calibration="non_member_margin"),
+                  jax.random.key(0))
+
+
+def test_calibration_finetunes_until_the_forgotten_images_look_unseen(digits, trained, split):
+  forget, retain = unlearn_data(digits, split)
+  # Unseen images of the forgotten class: here its test images stand in for a pool no model saw.
+  unseen_rows = np.flatnonzero(digits.test_labels == split.forget_classes[0])
+  unseen = unlearning.UnlearnData(images=digits.test_images[unseen_rows],
+                                  labels=digits.test_labels[unseen_rows],
+                                  indices=len(digits.train_labels) + unseen_rows)
+  margins_of = metrics_margins
+  timings = {}
+  calibrated = megu_lib.megu(
+      trained, forget, retain,
+      experiment_config(calibration="non_member_margin", steps=10, calibration_every=5,
+                        calibration_max_steps=120), jax.random.key(0), timings=timings,
+      non_members=unseen)
+  steps = timings["calibration_steps"]
+  assert 10 <= steps <= 120 and steps % 5 == 0
+  gap = margins_of(calibrated, forget).mean() - margins_of(calibrated, unseen).mean()
+  assert gap == pytest.approx(timings["calibration_gap"], abs=1e-3)
+  # It stopped at the first check where the forgotten images were no more recognised than the
+  # unseen ones, or ran out of steps.
+  assert timings["calibration_gap"] <= 0 or steps == 120
+  # Ten steps alone leave the forgotten training images far more recognised than unseen ones.
+  short = megu_lib.megu(trained, forget, retain, experiment_config(steps=10), jax.random.key(0))
+  short_gap = margins_of(short, forget).mean() - margins_of(short, unseen).mean()
+  assert short_gap > gap
+
+
+def metrics_margins(model, data):
+  from megu_jax import ensemble_metrics  # pylint: disable=import-outside-toplevel
+  return ensemble_metrics.margins(train.predict(model, data.images)["logits"], data.labels)

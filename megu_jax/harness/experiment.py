@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -182,6 +183,9 @@ class Setting:
   related: evaluation.Related
   forget_data: unlearning.UnlearnData
   retain_data: unlearning.UnlearnData
+  # Images no model trained on, of what is forgotten (its classes, sub-classes, or for random
+  # forgetting the forgotten samples' classes): handed to methods that take ``non_members``.
+  non_member_data: unlearning.UnlearnData | None = None
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str, models_root: str | None = None,
@@ -216,6 +220,7 @@ def setting_from_models(config: ml_collections.ConfigDict, workdir: str,
     # The grouping is the data set's to give: the methods know no data set names.
     method_config.megu.superclass_of = dataset_grouping(config, dataset)
   return Setting(
+      non_member_data=non_members_of(dataset, split, seed=train.split_seed(config)),
       config=config, method_config=method_config, dataset=dataset, split=split,
       original=original, original_final=original_final, retrained=retrained,
       retrain_final=retrain_final, transition=matrix, transition_info=transition_info,
@@ -224,6 +229,32 @@ def setting_from_models(config: ml_collections.ConfigDict, workdir: str,
                                                         dataset.train_labels, split.forget_train),
       retain_data=unlearning.UnlearnData.from_positions(dataset.train_images,
                                                         dataset.train_labels, split.retain_train))
+
+
+def non_members_of(dataset: datasets.Dataset, split: splits.ForgetSplit, *, seed: int,
+                   max_examples: int = 1000) -> unlearning.UnlearnData | None:
+  """Up to ``max_examples`` of the data set's unseen pool images that look like the forget set:
+  of its classes (full-class), of its sub-classes (sub-class), or drawn to match its labels'
+  histogram (random). None when the data set has no unseen pool."""
+  if dataset.unseen_images is None:
+    return None
+  rng = np.random.default_rng([seed, 7])
+  if split.scenario == "full_class":
+    pool = np.flatnonzero(np.isin(dataset.unseen_labels, split.forget_classes))
+  elif split.scenario == "sub_class":
+    pool = np.flatnonzero(np.isin(dataset.unseen_subclasses, split.forget_classes))
+  else:  # as many per label as the forget set has, several times over
+    labels, counts = np.unique(dataset.train_labels[split.forget_train], return_counts=True)
+    repeat = max(1, max_examples // max(1, int(counts.sum())))
+    pool = np.concatenate([rng.permutation(np.flatnonzero(dataset.unseen_labels == label))[
+        :count * repeat] for label, count in zip(labels, counts)])
+  if not len(pool):
+    return None
+  chosen = np.sort(rng.permutation(pool)[:max_examples])
+  # Positions past the training set's end: stable ids that no training example has.
+  return unlearning.UnlearnData(images=dataset.unseen_images[chosen],
+                                labels=dataset.unseen_labels[chosen],
+                                indices=(len(dataset.train_labels) + chosen).astype(np.int32))
 
 
 def run_method(setting: Setting, name: str) -> tuple[dict[str, float], np.ndarray]:
@@ -251,9 +282,11 @@ def run_method_with_outputs(setting: Setting, name: str
     # A key per method name, so that a method's draws do not depend on which others ran.
     key = jax.random.fold_in(jax.random.key(setting.config.seed), zlib.crc32(name.encode()))
     start = time.perf_counter()
-    unlearned = unlearning.get_method(name)(setting.original, setting.forget_data,
-                                            setting.retain_data, setting.method_config, key,
-                                            timings=timings)
+    method = unlearning.get_method(name)
+    extra = ({"non_members": setting.non_member_data}
+             if "non_members" in inspect.signature(method).parameters else {})
+    unlearned = method(setting.original, setting.forget_data, setting.retain_data,
+                       setting.method_config, key, timings=timings, **extra)
     jax.block_until_ready(unlearned.state)
     compile_s = float(timings.get("compile_s", 0.0))
     time_s = time.perf_counter() - start - compile_s

@@ -22,6 +22,7 @@ NOISE_PER = ("class", "sample", "auto")
 LABEL_MODES = ("sample", "argmax")
 LABEL_GUIDANCE = ("transition", "transition_x_model")
 FORGET_TARGETS = ("label", "distribution")
+CALIBRATIONS = ("none", "non_member_margin")
 
 
 class MissingTransitionFileError(UnlearningInputError, FileNotFoundError):
@@ -81,6 +82,13 @@ def default_megu_config() -> ml_collections.ConfigDict:
   c.forget_batch_size = 128
   c.retain_batch_size = 128
   c.retain_subset_size = 0     # draw retain batches from this many retain images; 0 = all
+  # Retrain-free stopping rule. none: finetune for ``steps``. non_member_margin: after ``steps``,
+  # keep going (checking every calibration_every steps, up to calibration_max_steps, the
+  # schedule spanning those) until the forgotten images' mean margin is no higher than that of
+  # unseen images of the same classes (``non_members``): no longer recognised as members.
+  c.calibration = "none"
+  c.calibration_every = 10
+  c.calibration_max_steps = 200
   # Random (sample-level) forgetting: these fields replace the ones above. A hundred samples'
   # batches revisited for every step dominate a full-weight update, so MeGU does little here.
   c.random_scenario = ml_collections.ConfigDict(
@@ -131,6 +139,7 @@ def validate_settings(settings: ml_collections.ConfigDict, trained: train.Traine
   check_choice(f("label_mode"), settings.label_mode, LABEL_MODES)
   check_choice(f("label_guidance"), settings.label_guidance, LABEL_GUIDANCE)
   check_choice(f("forget_target"), settings.forget_target, FORGET_TARGETS)
+  check_choice(f("calibration"), settings.calibration, CALIBRATIONS)
   if not 0.0 <= settings.own_class_weight < 1.0:
     raise UnlearningInputError(f"{f('own_class_weight')}={settings.own_class_weight!r} must be "
                                "in [0, 1)")
@@ -142,12 +151,21 @@ def validate_settings(settings: ml_collections.ConfigDict, trained: train.Traine
                "positive_learning_rate"):
     check_positive(f(name), settings[name])
   for name in ("steps", "noise_steps", "top_k", "retain_subset_size",
-               "prototype_samples_per_class", "forget_batch_size", "retain_batch_size"):
+               "prototype_samples_per_class", "forget_batch_size", "retain_batch_size",
+               "calibration_every", "calibration_max_steps"):
     value = settings[name]
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
       raise UnlearningInputError(f"{f(name)}={value!r} must be an integer >= 0")
   if settings.steps == 0 and settings.epochs == 0:
     raise UnlearningInputError(f"{f('steps')} and {f('epochs')} are both 0: nothing would run")
+  if settings.calibration != "none":
+    if settings.calibration_every < 1:
+      raise UnlearningInputError(f"{f('calibration_every')}={settings.calibration_every} must "
+                                 "be >= 1")
+    if settings.calibration_max_steps < settings.steps:
+      raise UnlearningInputError(
+          f"{f('calibration_max_steps')}={settings.calibration_max_steps} must be at least "
+          f"{f('steps')}={settings.steps}")
   for name in ("forget_batch_size", "retain_batch_size"):
     if settings[name] == 0 or settings[name] % num_devices:
       raise UnlearningInputError(

@@ -17,6 +17,7 @@ signature every method shares (:mod:`megu_jax.unlearning.base`); its settings ar
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from typing import NamedTuple
@@ -31,14 +32,15 @@ from megu_jax import parallel
 from megu_jax import train
 from megu_jax import transition as transition_lib
 from megu_jax.unlearning import register
-from megu_jax.unlearning.base import (UnlearnData, balanced_subset, check_data, host_copy,
-                                      make_finetuning_optimizer, num_classes_of, row_stream,
-                                      run_phase)
+from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, balanced_subset,
+                                      check_data, host_copy, make_finetuning_optimizer,
+                                      num_classes_of, row_stream, run_phase,
+                                      run_phase_once_compiled)
 from megu_jax.unlearning.megu.config import (megu_settings, noise_rows_per_sample,
-                                                 own_class_weight, validate_settings)
+                                             own_class_weight, validate_settings)
 from megu_jax.unlearning.megu.labels import draw_perturbing_labels, guided_distribution
-from megu_jax.unlearning.megu.steps import (MeguState, make_finetune_step, make_noise_step,
-                                                noise_optimizers)
+from megu_jax.unlearning.megu.steps import (MeguState, make_finetune_step, make_margin_fn,
+                                            make_noise_step, noise_optimizers)
 
 
 # --- host side: batches ---------------------------------------------------------------------------
@@ -140,8 +142,13 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
 @register("megu")
 def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnData,
          config: ml_collections.ConfigDict, key: jax.Array, *,
-         timings: dict | None = None, diagnostics: dict | None = None) -> train.Trained:
+         timings: dict | None = None, diagnostics: dict | None = None,
+         non_members: UnlearnData | None = None) -> train.Trained:
   """Unlearns ``forget_data`` from ``trained`` with MeGU; settings in ``config.megu``.
+
+  ``non_members``: images no model trained on, of the forgotten classes (sub-classes; for random
+  forgetting, of the forgotten samples' classes); ``config.megu.calibration`` needs them and
+  otherwise ignores them.
 
   ``timings`` (if given) receives, in seconds, ``transition_s`` (features, T, perturbing labels),
   ``noise_s`` (the noise phase), ``finetune_s`` and ``compile_s`` (first call of each compiled
@@ -154,6 +161,12 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
   settings = megu_settings(config)
   validate_settings(settings, trained, dp.num_devices)
   check_data(trained, forget_data, retain_data)
+  calibrate = settings.calibration != "none"
+  if calibrate and (non_members is None or not len(non_members)):
+    raise UnlearningInputError(
+        f"config.megu.calibration={settings.calibration!r} needs non_members: unseen images of "
+        "what is forgotten (the harness passes the training pool's unused images when the recipe "
+        "trains on a subset, config.train_subset)")
   num_classes = num_classes_of(trained)
   per_sample = noise_rows_per_sample(settings, config)
   label_key, batch_key, step_key = jax.random.split(key, 3)
@@ -173,7 +186,9 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
   steps = settings.steps
   if settings.epochs > 0:
     steps = math.ceil(settings.epochs * len(forget_data) / settings.forget_batch_size)
-  tx = make_finetuning_optimizer(settings, steps)
+  # With the stopping rule the schedule spans the most steps it may take.
+  total_steps = settings.calibration_max_steps if calibrate else steps
+  tx = make_finetuning_optimizer(settings, total_steps)
   negative_tx, positive_tx = noise_optimizers(settings)
   activation_shape = _activation_shape(trained, settings.activation, forget_data.images[:1])
   noise_state = noise_lib.init_noise(activation_shape,
@@ -216,11 +231,16 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
       trained.model, tx, settings, mean=trained.mean, std=trained.std, per_sample=per_sample,
       update_noise=settings.noise != "none" and settings.noise_schedule == "alternating"))
   batches = (dp.put_batch({**f, **r}) for f, r in zip(
-      _forget_batches(rng, forget_data, perturbing, settings.forget_batch_size, steps,
+      _forget_batches(rng, forget_data, perturbing, settings.forget_batch_size, total_steps,
                       finetune_per_row, with_images="forget_prefix" not in finetune_per_row),
-      _retain_batches(rng, retain_rows, retain_data, settings.retain_batch_size, steps)))
-  state, last_metrics = run_phase(finetune_step, state, batches, finetune_key, "finetune_s",
-                                   timings)
+      _retain_batches(rng, retain_rows, retain_data, settings.retain_batch_size, total_steps)))
+  if calibrate:
+    state, last_metrics = _finetune_until_unseen(
+        trained, settings, dp, finetune_step, state, batches, finetune_key, steps, total_steps,
+        forget_data, forget_activations, non_members, timings)
+  else:
+    state, last_metrics = run_phase(finetune_step, state, batches, finetune_key, "finetune_s",
+                                     timings)
   if diagnostics is not None:
     diagnostics["finetune_metrics"] = last_metrics
   if last_metrics is not None and not np.isfinite(float(last_metrics["loss"])):
@@ -231,6 +251,54 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
 
   state = dp.get_replicated(state)
   return dataclasses.replace(trained, state=trained.state.replace(params=state.params))
+
+
+def _margin_inputs(trained, settings, dp, data: UnlearnData, prefix: np.ndarray | None,
+                   timings) -> np.ndarray:
+  """What :func:`make_margin_fn` reads for ``data``: the frozen prefix's output (θ₀'s, which
+  finetuning does not change) or the normalised images."""
+  if settings.freeze_through:
+    if prefix is None:
+      prefix = train.predict(trained, data.images, 1000, dp, timings,
+                             (settings.freeze_through,))[settings.freeze_through]
+    return prefix
+  return np.asarray(train.prepare_images({"image": data.images}, None, trained.mean, trained.std))
+
+
+def _finetune_until_unseen(trained, settings, dp, finetune_step, state, batches, key,
+                           min_steps: int, max_steps: int, forget_data: UnlearnData,
+                           forget_activations: dict, non_members: UnlearnData, timings):
+  """Finetunes ``min_steps``, then ``calibration_every`` at a time until the forgotten images'
+  mean margin is at most the unseen images' (or ``max_steps``). Records the steps taken as
+  ``timings["calibration_steps"]`` and the last mean-margin gap as ``calibration_gap``."""
+  margins = make_margin_fn(trained.model, settings, trained.state.batch_stats)
+  forget_inputs = jnp.asarray(_margin_inputs(
+      trained, settings, dp, forget_data, forget_activations.get(settings.freeze_through),
+      timings))
+  unseen_inputs = jnp.asarray(_margin_inputs(trained, settings, dp, non_members, None, timings))
+  forget_labels = jnp.asarray(forget_data.labels)
+  unseen_labels = jnp.asarray(non_members.labels)
+
+  def gap(current) -> float:
+    params = dp.get_replicated(current).params
+    return float(jnp.mean(margins(params, forget_inputs, forget_labels))
+                 - jnp.mean(margins(params, unseen_inputs, unseen_labels)))
+
+  compiled: set = set()
+  done, last_metrics, current_gap = 0, None, float("nan")
+  while done < max_steps:
+    chunk = min(min_steps if done == 0 else settings.calibration_every, max_steps - done)
+    state, last_metrics = run_phase_once_compiled(
+        finetune_step, state, itertools.islice(batches, chunk),
+        parallel.fold_in_step(key, done), "finetune_s", timings, compiled)
+    done += chunk
+    start = time.perf_counter()
+    current_gap = gap(state)
+    timings["calibration_s"] = timings.get("calibration_s", 0.0) + time.perf_counter() - start
+    if current_gap <= 0.0:
+      break
+  timings.update(calibration_steps=float(done), calibration_gap=current_gap)
+  return state, last_metrics
 
 
 def _activation_shape(trained: train.Trained, name: str, images: np.ndarray) -> tuple[int, ...]:

@@ -193,3 +193,19 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
     return finetune_step
   return factory
 
+
+def make_margin_fn(model: nn.Module, settings: ml_collections.ConfigDict, batch_stats):
+  """Jitted ``margins(params, inputs, labels) -> float32 [N]``, z_y − logsumexp_{j≠y} z_j.
+
+  ``inputs`` are the frozen prefix's outputs when ``settings.freeze_through`` is set (they do
+  not change while θ trains), else normalised images. BatchNorm in inference mode.
+  """
+  g, _ = _network(model, settings.activation, batch_stats, settings.freeze_through or None)
+
+  @jax.jit
+  def margins(params, inputs, labels):
+    logits, _ = g(params, inputs)
+    own = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    others = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+    return own - jax.nn.logsumexp(others, axis=-1)
+  return margins
