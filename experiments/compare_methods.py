@@ -21,6 +21,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from megu_jax.harness import ablations
 from megu_jax.harness import cli
 from megu_jax.harness import experiment
 
@@ -37,15 +38,6 @@ _MODELS_ROOT = flags.DEFINE_string("models_root", "runs/benchmark/models",
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Split and T of this comparison.")
 _OUT = flags.DEFINE_string("out", "runs/compare.jsonl", "Each run's metrics are appended here.")
 _RUNS = flags.DEFINE_multi_string("run", ["megu"], "METHOD[;section.field=value...], repeatable.")
-
-
-def _parse(value: str):
-  for cast in (int, float):
-    try:
-      return cast(value)
-    except ValueError:
-      pass
-  return {"True": True, "False": False}.get(value, value)
 
 
 def main():
@@ -68,7 +60,7 @@ def main():
       target = method_config
       for section in sections:
         target = target[section]
-      target[field] = _parse(value)
+      target[field] = ablations.parse_value(value)
     result, _ = experiment.run_method(
         dataclasses.replace(setting, method_config=method_config), name)
     experiment.add_avg_gaps({"retrain": reference, name: result})

@@ -59,12 +59,13 @@ def parse_variants(text: str) -> dict[str, dict]:
       field, eq, value = assignment.partition("=")
       if not eq:
         raise ValueError(f"--variants item {item!r}: {assignment!r} must read field=value")
-      overrides[field.strip()] = _parse_value(value.strip())
+      overrides[field.strip()] = parse_value(value.strip())
     table[name.strip()] = overrides
   return table
 
 
-def _parse_value(value: str):
+def parse_value(value: str):
+  """A command-line value as what it reads as: int, float, True/False, else the string."""
   for cast in (int, float):
     try:
       return cast(value)
