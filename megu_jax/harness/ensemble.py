@@ -138,13 +138,12 @@ def _mismatch(directory: str, expected: ml_collections.ConfigDict) -> str | None
       recorded = json.load(f)
   except (OSError, ValueError) as error:
     return f"its config.json cannot be read ({error})"
+  # An original is its recipe and seed; a Retrain also what it was trained without.
   fields = experiment.RECIPE_FIELDS + (_IDENTITY_FIELDS if expected.get("retrain") else ("seed",))
+  if expected.get("scenario") != "random":  # only a random draw has a size and a seed
+    fields = tuple(f for f in fields if f not in ("forget_size", "split_seed"))
   wanted = json.loads(expected.to_json_best_effort())
   for field in fields:
-    if field in ("scenario", "forget", "forget_size") and not expected.get("retrain"):
-      continue
-    if field == "forget_size" and expected.get("scenario") != "random":
-      continue
     if recorded.get(field) != wanted.get(field):
       return f"it was trained with {field}={recorded.get(field)!r}, not {wanted.get(field)!r}"
   return None
