@@ -242,26 +242,61 @@ def headline_section(results_dir: str) -> str:
   return "\n".join(lines)
 
 
+def _method_order(summaries: list[dict]) -> list[str]:
+  """original, retrain, megu, then the rest by their forget value on the first scenario."""
+  from megu_jax.harness import targets  # noqa: PLC0415
+  first = summaries[0]
+  family, statistic = targets.headline_statistic(summaries)
+  fixed = [n for n in ("original", "retrain", "megu") if any(n in s["methods"] for s in summaries)]
+  rest = sorted({n for s in summaries for n in s["methods"]} - set(fixed),
+                key=lambda n: (first["methods"][n][family]["forget"][statistic]
+                               if n in first["methods"] else float("inf"), n))
+  return fixed + rest
+
+
 def headline_summary(results_dir: str) -> str:
-  """The README's table: forget / retain / val KLoM P95 and F of every method, per scenario."""
+  """The README's table: per scenario, every method's forget / retain / val value of the
+  headline statistic of its N and its F; the floor (a second Retrain ensemble of the same N) in
+  brackets; bold where the method lies within the floor's 95 % interval."""
+  from megu_jax.harness import targets  # noqa: PLC0415
   runs = headline_runs(results_dir)
   if not runs:
     return "_The headline run has not been committed yet ([docs/results.md](docs/results.md))._\n"
-  names = list(dict.fromkeys(name for summary in runs for name in summary["methods"]))
+  choice = {n: targets.headline_statistic(runs, n) for n in _sizes(runs)}
   names_of = lambda s: f"{s['scenario']} {', '.join(s['forget']) or s['forget_size']}"
-  header = "| method | " + " | ".join(f"{names_of(s)}: forget / retain / val KLoM P95, F"
-                                       for s in runs) + " |"
-  lines = [header, "|---|" + "---|" * len(runs)]
-  for name in names:
+  header = "| method | N | " + " | ".join(f"{names_of(s)}: forget / retain / val, F"
+                                           for s in runs) + " |"
+  lines = [header, "|---|---|" + "---|" * len(runs)]
+  for name in _method_order(runs):
+    sizes = {s["methods"][name]["ensemble_size"] for s in runs if name in s["methods"]}
     cells = []
     for summary in runs:
-      entry = summary["methods"].get(name)
-      if entry is None:
+      if name not in summary["methods"]:
         cells.append("–")
         continue
-      klom = entry["klom"]
-      cells.append(" / ".join(_fmt(klom[s]["p95"], 1) for s in SPLITS)
-                   + f", {_fmt(entry['forgetting_quality']['F'], 2)}")
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+      entry = summary["methods"][name]
+      rows = targets.against_floor(summary, name, *choice[entry["ensemble_size"]])
+      values = [f"**{_fmt(rows[s]['value'], 2)}**" if rows[s]["within_floor"]
+                else _fmt(rows[s]["value"], 2) for s in SPLITS]
+      f_text = _fmt(rows["F"]["value"], 3)
+      if rows["F"]["within_floor"]:
+        f_text = f"**{f_text}**"
+      cells.append(" / ".join(values) + f", {f_text}")
+    lines.append(f"| {name} | {'/'.join(str(n) for n in sorted(sizes, reverse=True))} | "
+                 + " | ".join(cells) + " |")
+  floors = []
+  for n, (family, statistic) in choice.items():
+    label = ("KLoM " if family == "klom" else "Gaussian KL ") + statistic
+    per_scenario = []
+    for summary in runs:
+      reference = next((e for e in summary["methods"].values() if e["ensemble_size"] == n), None)
+      if reference is None:
+        continue
+      floor = reference["floor"]
+      per_scenario.append(" / ".join(_fmt(floor[family][s][statistic], 2) for s in SPLITS)
+                          + f", {_fmt(floor['forgetting_quality']['F'], 3)}")
+    floors.append(f"N = {n}: {label}; the floor scores {'; '.join(per_scenario)}")
+  lines += ["", "Per-example divergence from Retrain's oracles (lower is closer; F higher is "
+            "closer); **bold**: within the 95 % interval of a second Retrain ensemble of the same "
+            "N (the floor). " + ". ".join(floors) + "."]
   return "\n".join(lines) + "\n"
-

@@ -1,0 +1,68 @@
+"""The README's headline table, rendered from synthetic ensemble.json summaries."""
+import json
+
+from megu_jax.harness import ensemble_report
+
+SPLITS = ("forget", "retain", "val")
+
+
+def stats(value, width=0.1):
+  """One split's entry: the same value for every statistic, with a symmetric interval."""
+  entry = {}
+  for statistic in ("mean", "p95", "p99"):
+    entry[statistic] = value
+    entry[f"{statistic}_ci95"] = [value - width, value + width]
+  return entry
+
+
+def method(forget, retain, val, F, size, floor):
+  values = dict(zip(SPLITS, (forget, retain, val)))
+  return {"ensemble_size": size,
+          "klom": {s: stats(v) for s, v in values.items()},
+          "gaussian_kl": {s: stats(v) for s, v in values.items()},
+          "forgetting_quality": {"F": F, "F_ci95": [F - 0.01, F + 0.01]},
+          "floor": floor}
+
+
+def floor_of(value, F):
+  return {"klom": {s: stats(value) for s in SPLITS},
+          "gaussian_kl": {s: stats(value) for s in SPLITS},
+          "forgetting_quality": {"F": F, "F_ci95": [F - 0.02, F + 0.02]}}
+
+
+def summary():
+  floor4, floor2 = floor_of(0.3, 0.16), floor_of(0.6, 0.09)
+  methods = {
+      "original": method(80.0, 0.6, 0.9, 0.0, 4, floor4),
+      "retrain": method(0.3, 0.3, 0.3, 0.16, 4, floor4),
+      "megu": method(3.0, 0.35, 0.3, 0.15, 4, floor4),
+      "ssd": method(11.0, 3.0, 1.8, 0.0, 2, floor2),
+      "neggrad_plus": method(1.5, 0.65, 0.5, 0.06, 2, floor2),
+  }
+  at_2 = {"original": method(79.0, 0.6, 0.9, 0.0, 2, floor2),
+          "retrain": method(0.6, 0.6, 0.6, 0.09, 2, floor2)}
+  return {"dataset": "d", "scenario": "full_class", "forget": ["Shirt"], "forget_size": 500,
+          "ensemble_size": 4, "methods": methods, "references_at": {"2": at_2}}
+
+
+def test_the_readme_table_orders_methods_and_marks_what_lies_within_the_floor(tmp_path):
+  directory = tmp_path / ensemble_report.HEADLINE_DIR / "full_class_Shirt"
+  directory.mkdir(parents=True)
+  (directory / "ensemble.json").write_text(json.dumps(summary()))
+  table = ensemble_report.headline_summary(str(tmp_path))
+  rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+  names = [row.split("|")[1].strip() for row in rows[1:]]
+  # The references first, then the baselines by forget value: closest first.
+  assert names == ["original", "retrain", "megu", "neggrad_plus", "ssd"]
+  by_name = dict(zip(names, rows[1:]))
+  # megu: retain 0.35 and val 0.30 within the N=4 floor's upper bound 0.4, forget 3.0 not; F 0.15
+  # at or above the floor's lower bound 0.14.
+  assert "| megu | 4 | 3.00 / **0.35** / **0.30**, **0.150** |" == by_name["megu"]
+  # neggrad_plus is judged against the N=2 floor (upper bound 0.7): retain and val within.
+  assert "| neggrad_plus | 2 | 1.50 / **0.65** / **0.50**, 0.060 |" == by_name["neggrad_plus"]
+  assert "N = 4: Gaussian KL" in table or "N = 4: KLoM" in table
+  assert "the floor scores 0.30 / 0.30 / 0.30, 0.160" in table
+
+
+def test_without_committed_runs_the_table_says_so(tmp_path):
+  assert "has not been committed yet" in ensemble_report.headline_summary(str(tmp_path))
