@@ -7,6 +7,10 @@ SHA-256 of the state) so that a resumed run reports the same numbers as an unint
 damaged checkpoint is detected rather than trusted: orbax reads back flipped bytes without
 complaint. :meth:`Checkpointer.restore_latest` moves a damaged checkpoint aside, says so, and falls
 back to the previous one.
+
+With several processes (:mod:`megu_jax.distributed`) every process calls :meth:`Checkpointer.save`
+and :meth:`Checkpointer.restore` alike (orbax writes the replicated state once, process 0 the
+JSON record, and synchronises them); moving a damaged checkpoint aside is process 0's alone.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from megu_jax import distributed
 
 
 logger = logging.getLogger(__name__)
@@ -86,6 +92,7 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
     """Saves when ``step`` is on the interval (or ``force``); returns whether it saved."""
+    distributed.note_progress()
     host_state = jax.device_get(state)
     meta = {**meta, "state_sha256": state_sha256(host_state)}
     saved = self.manager.save(
@@ -111,6 +118,7 @@ class Checkpointer:
         lambda x: np.zeros(np.shape(x), dtype=np.asarray(x).dtype) if hasattr(x, "shape") else x,
         jax.device_get(abstract_state))
     where = self.step_directory(step)
+    distributed.note_progress()
     _drop_closed_event_loop_reports()  # before: the reports can come while orbax still raises
     try:
       restored = self.manager.restore(
@@ -137,7 +145,12 @@ class Checkpointer:
     while os.path.exists(destination):
       destination = os.path.join(damaged_root, f"{step}.{suffix}")
       suffix += 1
-    os.replace(self.step_directory(step), destination)
+    # Every process found the same damage and named the same destination (the barrier keeps a
+    # late one from seeing the move already made); one process moves it.
+    distributed.barrier("quarantine-named")
+    if distributed.is_primary():
+      os.replace(self.step_directory(step), destination)
+    distributed.barrier("quarantine-moved")
     self.manager.reload()
     return destination
 

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -30,6 +31,7 @@ import tqdm
 from megu_jax import augment
 from megu_jax import checkpoints
 from megu_jax import datasets
+from megu_jax import distributed
 from megu_jax import interruption
 from megu_jax import io_utils
 from megu_jax import models
@@ -261,6 +263,9 @@ def predict(trained: Trained, images: np.ndarray, batch_size: int = 1000,
              "index": np.arange(batch_size, dtype=np.int32)}
     first_start = time.perf_counter()
     out = eval_fn(state, dp.put_batch(batch))
+    if distributed.is_multi_process():
+      # Each process fed and computed its rows only; every process gets them all, in order.
+      out = distributed.gather_rows({k: out[k] for k in outputs})
     for k in outputs:
       outputs[k].append(np.asarray(out[k])[:valid])
     if compiles:
@@ -403,13 +408,17 @@ def fit(config: ml_collections.ConfigDict, model: nn.Module, images: np.ndarray,
   compile_s = 0.0
   window_start, window_images = time.perf_counter(), 0
   bar = tqdm.tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
-                  dynamic_ncols=True, disable=not config.get("progress", True))
+                  dynamic_ncols=True,
+                  disable=not config.get("progress", True) or not distributed.is_primary())
+  # Several processes stop after the same step, whichever of them got the signal.
+  stop_vote = (distributed.StopVote() if stop is not None and distributed.is_multi_process()
+               else None)
   last_time = time.perf_counter()
   for step in range(start_step, end_step):
     epoch, offset = divmod(step, steps_per_epoch)
     order = epoch_order(config.seed, epoch, len(train_positions))
     positions = train_positions[order[offset * config.batch_size:(offset + 1) * config.batch_size]]
-    batch = dp.put_batch(local_batch(images, labels, positions))
+    batch = dp.put_process_batch(local_batch(images, labels, positions))
     state, metrics = step_fn(state, batch, parallel.fold_in_step(train_key, step))
     if debug_nans:  # the exact step, at the cost of a host sync per step
       check_finite_state(jax.device_get(dp.get_replicated(state)), step + 1, ckpt)
@@ -428,6 +437,8 @@ def fit(config: ml_collections.ConfigDict, model: nn.Module, images: np.ndarray,
     elapsed_s += now - last_time
     last_time = now
     stopping = stop is not None and stop.requested
+    if stop_vote is not None:
+      stopping = stop_vote.agreed(stopping)
     if ckpt is not None and ((step + 1) % config.checkpoint_every_steps == 0
                              or step + 1 == end_step or stopping):
       # This step's loss and state are checked before they are kept: every checkpoint is good.
@@ -442,9 +453,13 @@ def fit(config: ml_collections.ConfigDict, model: nn.Module, images: np.ndarray,
     if stopping:
       bar.close()
       where = f"checkpoint saved in {ckpt.step_directory(step + 1)}" if ckpt else "nothing saved"
+      # A process that got no signal itself stops with the one that did, as if sent SIGTERM.
+      signum = stop.signum if stop.requested else signal.SIGTERM
+      by = (interruption.signal_name(signum) if stop.requested
+            else "a stop signal to another process")
       raise interruption.Interrupted(
-          f"stopped by {interruption.signal_name(stop.signum)} after step {step + 1} of "
-          f"{total_steps}; {where}: run the same command again to resume", stop.signum)
+          f"stopped by {by} after step {step + 1} of {total_steps}; {where}: run the same "
+          "command again to resume", signum)
   if pending is not None:
     _log_step(pending, log, bar, config, ckpt, window_start, window_images, force=True)
   bar.close()
@@ -674,6 +689,6 @@ def train_and_restore(config: ml_collections.ConfigDict, workdir: str,
     ckpt.close()
     logger.warning("%s%s; training the last steps again from the previous checkpoint", error,
                    moved)
-  os.remove(os.path.join(workdir, "final_metrics.json"))
+  io_utils.remove_file(os.path.join(workdir, "final_metrics.json"))
   final = train_and_evaluate(config, workdir, dataset)
   return restore_trained(workdir), final

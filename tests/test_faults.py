@@ -14,12 +14,9 @@ import dataclasses
 import json
 import os
 import pathlib
-import queue
 import shutil
 import signal
-import subprocess
 import sys
-import threading
 
 import jax
 import numpy as np
@@ -28,6 +25,7 @@ import pytest
 from experiments import build_transition
 from megu_jax.configs import digits as digits_config
 from fake_gemini_server import Answer, FakeGeminiServer, Status, matrix_responder
+import processes
 from megu_jax import checkpoints
 from megu_jax import datasets
 from megu_jax import interruption
@@ -58,61 +56,18 @@ def quick_config(**overrides):
 
 
 def command_env():
-  env = dict(os.environ)  # conftest's two fake devices included
-  env.update({
-      "PYTHONPATH": str(REPO),
-      # The commands share this session's compilation cache (eager init ops included).
-      "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-      "PACED_PAUSE_S": "0.3",
-      # Set for every command, so that the search for it below can find a leak anywhere.
-      "GEMINI_API_KEY": SECRET,
-  })
-  return env
+  # The key is set for every command, so that the search for it below can find a leak anywhere.
+  return processes.command_env(GEMINI_API_KEY=SECRET)
 
 
-class Command:
-  """A command in a subprocess; stdout lines are read in a thread, stderr goes to a file."""
+class Command(processes.Streamed):
+  """A command in a subprocess (through tests/paced_command.py unless ``paced=False``)."""
 
   def __init__(self, module, args, tmp_path, name, paced=True):
     self.module = module
-    self.stderr_path = tmp_path / f"{name}.stderr"
     prefix = ([str(REPO / "tests" / "paced_command.py"), module] if paced else ["-m", module])
-    with open(self.stderr_path, "w") as stderr:
-      self.proc = subprocess.Popen([sys.executable, *prefix, *args], cwd=REPO, env=command_env(),
-                                   stdout=subprocess.PIPE, stderr=stderr, text=True)
-    self.lines = queue.Queue()
-    self.stdout = []
-    threading.Thread(target=self._pump, daemon=True).start()
-
-  def _pump(self):
-    for line in self.proc.stdout:
-      self.lines.put(line)
-    self.lines.put(None)
-
-  def wait_for(self, prefix):
-    """The first stdout line starting with ``prefix``; fails if the command ends first."""
-    while True:
-      try:
-        line = self.lines.get(timeout=WAIT_S)
-      except queue.Empty:
-        self.proc.kill()
-        pytest.fail(f"{self.module}: no {prefix!r} within {WAIT_S} s")
-      if line is None:
-        self.proc.wait()
-        pytest.fail(f"{self.module} ended (rc {self.proc.returncode}) before {prefix!r}: "
-                    f"{self.stderr_path.read_text()}")
-      self.stdout.append(line)
-      if line.startswith(prefix):
-        return line
-
-  def finish(self):
-    """(exit code, stdout, stderr) once the command has ended."""
-    self.proc.wait(timeout=WAIT_S)
-    while (line := self.lines.get(timeout=WAIT_S)) is not None:
-      self.stdout.append(line)
-    return self.proc.returncode, "".join(self.stdout), self.stderr_path.read_text()
+    super().__init__([sys.executable, *prefix, *args], stderr_path=tmp_path / f"{name}.stderr",
+                     env=command_env(), name=module, wait_s=WAIT_S)
 
 
 def files_under(directory):

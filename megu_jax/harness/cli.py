@@ -11,6 +11,11 @@ unexpected error (a bug) always shows it. Exit codes:
 - 128 + n: stopped by signal n (143 for SIGTERM, 130 for Ctrl-C); rerunning resumes.
 
 Any Gemini API key in the environment is removed from everything printed here.
+
+Every command can run as N processes, one per host (docs/scaling.md): ``--coordinator_address=
+HOST:PORT --num_processes=N --process_id=I`` on each, or ``--distributed=auto`` on a cluster JAX
+detects (Cloud TPU, SLURM, Open MPI). :func:`run` joins them (:mod:`megu_jax.distributed`) before
+any JAX call; a process that fails tells the others, and all of them stop with one line each.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from megu_jax import distributed
 from megu_jax import interruption
 from megu_jax import xla_cpu
 from megu_jax.oracles import gemini
@@ -33,6 +39,27 @@ EXIT_BAD_INPUT = 2
 
 _VERBOSE = flags.DEFINE_bool("verbose", False,
                              "On a failure, print the traceback after the one-line error.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "none", list(distributed.DISTRIBUTED_MODES),
+    "auto: join a multi-process run through jax.distributed.initialize()'s cluster detection "
+    "(Cloud TPU, SLURM, Open MPI); none: one process unless --coordinator_address, "
+    "--num_processes and --process_id are given.")
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process run: HOST:PORT of process 0, the same for all.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Multi-process run: how many processes (N).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "Multi-process run: this process's id, 0..N-1.")
+_INIT_TIMEOUT_S = flags.DEFINE_float(
+    "distributed_init_timeout_s", distributed.DEFAULT_INIT_TIMEOUT_S,
+    "Multi-process run: how long to wait for every process to connect.")
+_HEARTBEAT_TIMEOUT_S = flags.DEFINE_float(
+    "distributed_heartbeat_timeout_s", distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
+    "Multi-process run: a peer silent this long is dead or stopped; every process stops.")
+_STALL_TIMEOUT_S = flags.DEFINE_float(
+    "distributed_stall_timeout_s", distributed.DEFAULT_STALL_TIMEOUT_S,
+    "Multi-process run: a peer that makes no progress this long while the others wait for it "
+    "has stalled; every process stops.")
 
 
 def scrub(text: str) -> str:
@@ -55,7 +82,8 @@ def exit_code(error: BaseException) -> int | None:
   # Before ValueError: a missing API key is both a Gemini error and bad input; it is input.
   if isinstance(error, (ValueError, FileNotFoundError)):
     return EXIT_BAD_INPUT
-  if isinstance(error, (FloatingPointError, gemini.GeminiOracleError, OSError)):
+  if isinstance(error, (FloatingPointError, gemini.GeminiOracleError, OSError,
+                        distributed.PeerFailure)):
     return EXIT_FAILED
   # Looked up, not imported: build_transition fails fast without loading orbax and jax, and a
   # CheckpointError can only come from a program that loaded them.
@@ -102,11 +130,41 @@ def verbose() -> bool:
   return _VERBOSE.value
 
 
+def distributed_spec() -> distributed.DistributedSpec:
+  """The multi-process flags of this command line (after they were parsed)."""
+  return distributed.DistributedSpec(
+      mode=_DISTRIBUTED.value, coordinator_address=_COORDINATOR_ADDRESS.value,
+      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+      init_timeout_s=_INIT_TIMEOUT_S.value, heartbeat_timeout_s=_HEARTBEAT_TIMEOUT_S.value,
+      stall_timeout_s=_STALL_TIMEOUT_S.value)
+
+
+def start_distributed() -> bool:
+  """Joins the multi-process run the flags describe (before any JAX call); returns whether.
+
+  A process other than 0 also turns off the progress bars of the command's ``--config`` (its
+  ``progress`` field): one bar per run, process 0's.
+
+  Raises:
+    distributed.DistributedInputError: a bad flag value (exit code 2 through :func:`report`).
+  """
+  if not distributed.initialize(distributed_spec()):
+    return False
+  config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+  if not distributed.is_primary() and config is not None and "progress" in config:
+    with config.unlocked():
+      config.progress = False
+  return True
+
+
 def run(main: Callable[[], Any]) -> None:
   """Runs ``main()`` as a command: absl flags, stop signals, failures as one line; exits.
 
   First of all it applies the XLA:CPU settings (:mod:`megu_jax.xla_cpu`), before JAX's backend
-  starts.
+  starts; after parsing the flags it joins a multi-process run when they ask for one
+  (:func:`start_distributed`), before ``main`` makes any JAX call. With several processes, a
+  process that fails announces its error to the others, which stop with it
+  (:func:`megu_jax.distributed.end_with_error`).
   """
   xla_cpu.apply_cpu_defaults()
 
@@ -116,13 +174,28 @@ def run(main: Callable[[], Any]) -> None:
       return EXIT_BAD_INPUT
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    try:
+      start_distributed()
+    except distributed.DistributedInputError as error:
+      return report(error, verbose())
     interruption.raise_on_stop_signals()
     try:
       main()
+      distributed.finish()
     except Exception as error:  # pylint: disable=broad-except  (the contract: one line, non-zero)
-      return report(error, verbose())
+      return _failed(error)
     except interruption.Interrupted as error:
-      return report(error, verbose())
+      return _failed(error)
     return 0
 
   app.run(wrapped, flags_parser=parse_flags)
+
+
+def _failed(error: BaseException) -> int:
+  """Reports ``error``; with several processes, ends this one, telling the others why."""
+  if not distributed.claim_end():  # the watchdog is ending this process, saying why
+    distributed.wait_for_end()
+  error = distributed.as_peer_failure(error)
+  code = report(error, verbose())
+  distributed.end_with_error(one_line(error), code)  # returns only in a single process
+  return code

@@ -23,6 +23,8 @@ THROUGHPUT = os.path.join("performance", "throughput.json")
 SCALING = os.path.join("performance", "scaling.json")
 UNLEARNING_COST = os.path.join("performance", "unlearning_cost.json")
 ENSEMBLE_TRAINING = os.path.join("performance", "ensemble_training.json")
+MULTI_PROCESS = os.path.join("performance", "multi_process.json")
+SCALING_PROCESSES = os.path.join("performance", "scaling_processes.json")
 RECIPES = os.path.join("protocol", "recipes.json")
 
 
@@ -112,17 +114,40 @@ def throughput_table(record: dict | None) -> str:
     lines.append(f"| {name} | {jax_rate:,.0f} | " + " | ".join(
         "–" if v is None else f"{v:,.0f}" for v in (fit, nchw, nhwc))
         + f" | {'–' if ratio is None else f'{ratio:.2f}×'} | {result['jax']['compile_s']:.1f} |")
-  lines += ["", _provenance_line({"provenance": _machine_provenance(record)})[:-len("</sub>")]
-            + f"; peak resident memory {record.get('peak_rss_mb', '?')} MB; load average at "
-            f"start {record['machine'].get('load_average_1_5_15')}, at end "
-            f"{record['machine'].get('load_average_at_end')}</sub>"]
+  lines += ["", _bench_provenance_line(record)]
   return "\n".join(lines) + "\n"
+
+
+def _bench_provenance_line(record: dict) -> str:
+  """A benchmark's provenance line, with its peak memory and the load at its start and end."""
+  return (_provenance_line({"provenance": _machine_provenance(record)})[:-len("</sub>")]
+          + f"; peak resident memory {record.get('peak_rss_mb', '?')} MB; load average at "
+          f"start {record['machine'].get('load_average_1_5_15')}, at end "
+          f"{record['machine'].get('load_average_at_end')}</sub>")
+
+
+def _and(items: list[str]) -> str:
+  return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def scaling_measured(record: dict | None) -> str:
+  """What ``scaling_table`` shows: "1 and 2 devices, mesh and pmap paths"."""
+  if record is None:
+    return "1 and 2 devices, mesh and pmap paths"
+  modes = [m for m in ("mesh", "pmap") if any(m in r for r in record["results"].values())]
+  devices = sorted({d for r in record["results"].values() for m in modes for d in r.get(m, {})},
+                   key=int)
+  return (f"{_and(devices)} device{'s' if devices != ['1'] else ''}, {_and(modes)} "
+          f"path{'s' if len(modes) > 1 else ''}")
 
 
 def scaling_table(record: dict | None) -> str:
   if record is None:
     return "_Not measured yet: `python -m experiments.bench_scaling`._\n"
-  configs = [(mode, devices) for mode in ("mesh", "pmap") for devices in ("1", "2")]
+  # The paths and device counts the file has (bench_scaling's --modes and --devices).
+  results = record["results"].values()
+  configs = [(mode, devices) for mode in ("mesh", "pmap")
+             for devices in sorted({d for r in results for d in r.get(mode, {})}, key=int)]
   lines = ["| model, batch 128 global | " + " | ".join(f"{m}, {d} device{'s' if d != '1' else ''}"
                                                      for m, d in configs) + " |",
            "|---|" + "---|" * len(configs)]
@@ -133,11 +158,71 @@ def scaling_table(record: dict | None) -> str:
       if entry is None or "images_per_s" not in entry:
         cells.append("–")
         continue
-      speedup = entry.get("speedup_over_1_device", 1.0)
-      cells.append(f"{entry['images_per_s']:,.0f}" + ("" if devices == "1"
+      speedup = entry.get("speedup_over_1_device")  # only where 1 device was measured too
+      cells.append(f"{entry['images_per_s']:,.0f}" + ("" if devices == "1" or speedup is None
                                                        else f" ({speedup:.2f}×)"))
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  lines += ["", _provenance_line({"provenance": _machine_provenance(record)})]
+  lines += ["", _bench_provenance_line(record)]
+  return "\n".join(lines) + "\n"
+
+
+MULTI_PROCESS_JOBS = {"train_original": "training, the original", "train_retrain":
+                      "training, Retrain", "megu_noise": "MeGU, noise steps",
+                      "megu_finetune": "MeGU, finetuning steps", "finetune": "Finetune"}
+
+
+def _difference(value: float) -> str:
+  return "0" if value == 0 else f"{value:.1e}"
+
+
+def multi_process_equivalence_table(record: dict | None) -> str:
+  """``experiments.compare_processes``: each job's per-step and final differences."""
+  if record is None:
+    return "_Not measured yet: `python -m experiments.compare_processes`._\n"
+  reference, multi = record["reference"], record["multi_process"]
+  lines = [f"{record['dataset']} (`{record['config']}`, {record['epochs']} epoch"
+           f"{'s' if record['epochs'] != 1 else ''}), {multi['processes']} processes × "
+           f"{multi['devices_per_process']} devices against 1 process × {reference['devices']} "
+           "devices. Per step: the largest difference of any metric the step returns (its losses; "
+           "training's batch accuracy too) over every process; at the end: the job's accuracies "
+           "and other metrics (timings left out):", "",
+           "| job | steps | per step: largest difference | largest relative difference | "
+           "accuracies | other metrics: largest difference | from |",
+           "|---|---|---|---|---|---|---|"]
+  order = [j for j in MULTI_PROCESS_JOBS if j in record["jobs"]]
+  for job in order + sorted(set(record["jobs"]) - set(order)):
+    entry = record["jobs"][job]
+    steps = f"{entry['steps']}" + ("" if entry["same_steps"] else " (not the same steps)")
+    count = len(entry["accuracies"])
+    equal = (("both" if count == 2 else f"all {count}") + " equal" if entry["accuracies_equal"] else
+             "differ: " + ", ".join(entry["unequal_accuracies"]))
+    lines.append(f"| {MULTI_PROCESS_JOBS.get(job, job)} | {steps} | "
+                 f"{_difference(entry['max_abs_loss_diff'])} | "
+                 f"{_difference(entry['max_rel_loss_diff'])} | {equal} | "
+                 f"{_difference(entry['max_abs_other_metric_diff'])} | `{entry['file']}` |")
+  lines += ["", _provenance_line(record)]
+  return "\n".join(lines) + "\n"
+
+
+def multi_process_overhead_table(record: dict | None) -> str:
+  """``experiments.bench_scaling --processes=1,2``: each layout beside one process with as many
+  devices."""
+  if record is None or not record.get("multi_process"):
+    return ("_Not measured yet: `python -m experiments.bench_scaling --modes=mesh --devices=2,4 "
+            "--processes=1,2 --out=results/performance/scaling_processes.json`._\n")
+  lines = ["| model, batch 128 global | path | devices (processes × devices each) | 1 process "
+           "(img/s) | several processes (img/s) | step time, several processes / 1 |",
+           "|---|---|---|---|---|---|"]
+  for name, by_mode in record["multi_process"].items():
+    for mode, by_layout in by_mode.items():
+      for entry in by_layout.values():
+        one = entry.get("one_process_images_per_s")
+        ratio = entry.get("step_time_vs_one_process")
+        lines.append(f"| {name} | {mode} | {entry['devices']} ({entry['processes']} × "
+                     f"{entry['devices_per_process']}) | "
+                     f"{'–' if one is None else f'{one:,.0f}'} | {entry['images_per_s']:,.0f} | "
+                     f"{'–' if ratio is None else f'{ratio:.2f}'} |")
+  lines += ["", _bench_provenance_line(record)]
   return "\n".join(lines) + "\n"
 
 
@@ -200,6 +285,9 @@ python -m experiments.bench_unlearning --config=megu_jax/configs/fashion_mnist.p
     --workdir=runs/bench_unlearning --config.methods=all  # results/performance/unlearning_cost.json
 ```
 
+A fifth, `python -m experiments.compare_processes` (`results/performance/multi_process.json`),
+measures no speed: whether several processes compute what one does ([below](#multi-process)).
+
 ## Train-step throughput
 
 Our train step (`train.make_train_step` on one device, state donated, batches already on the
@@ -212,12 +300,37 @@ block is the figure, so that a change of load hits both frameworks alike.
 {throughput_table(load(results_dir, THROUGHPUT))}
 ## Scaling over devices
 
-Images per second on 1 and 2 devices, mesh and pmap paths, each configuration in its own
-subprocess (the fake CPU device count is fixed when JAX starts), configurations alternating over
-rounds. On a CPU the "devices" share the same cores, so this shows that the data-parallel paths
-cost nothing, not that they speed anything up.
+Images per second on {scaling_measured(load(results_dir, SCALING))}, each configuration in
+its own subprocess (the fake CPU device count is fixed when JAX starts), configurations
+alternating over rounds. On a CPU the "devices" share the same cores, so this shows that the
+data-parallel paths cost nothing, not that they speed anything up.
 
 {scaling_table(load(results_dir, SCALING))}
+## Multi-process
+
+The same program as several processes joined by `jax.distributed` ([scaling.md](scaling.md)),
+here on one machine through `experiments.launch`: the same global devices, batch and seed as one
+process, gradients reduced across the processes by gloo over 127.0.0.1.
+
+**Do they compute the same thing?** `python -m experiments.compare_processes` trains the digits
+recipe's original and Retrain model in either layout, then unlearns from the same (one-process)
+models in either layout, recording every compiled step's metrics:
+
+{multi_process_equivalence_table(load(results_dir, MULTI_PROCESS))}
+What differs between the layouts is the order of the cross-device reductions (one process's
+all-reduce against gloo's across processes), which moves the last float32 bits of a step's
+result; the data each device sees is the same.
+
+**What does going through several processes cost?** The train step alone (as above), as several
+processes with the same global device count, beside one process
+(`python -m experiments.bench_scaling --models=small_cnn,resnet18_narrow --modes=mesh --devices=2,4 --processes=1,2 --out=results/performance/scaling_processes.json`):
+
+{multi_process_overhead_table(load(results_dir, SCALING_PROCESSES))}
+This is the price of one machine pretending to be several, on cores the processes share: the
+gradients' all-reduce goes through gloo over TCP, a fixed cost per step that weighs most on a
+short step. It is neither a speed-up (on one machine, one process with every device is the
+faster way) nor a prediction for hosts with their own accelerators and network.
+
 ## Training an ensemble: one after another, or several at once
 
 An ensemble's models can be trained one after another or several at once, vmapped over a models
