@@ -66,3 +66,21 @@ def test_the_readme_table_orders_methods_and_marks_what_lies_within_the_floor(tm
 
 def test_without_committed_runs_the_table_says_so(tmp_path):
   assert "has not been committed yet" in ensemble_report.headline_summary(str(tmp_path))
+
+
+def test_the_development_section_renders_each_committed_ablation_with_its_reading(tmp_path):
+  from megu_jax.harness import report  # pylint: disable=import-outside-toplevel
+  row = summary()
+  for entry in row["methods"].values():
+    entry.update({k: {"mean": 0.9} for k in ("retain_test_acc", "forget_test_acc", "test_acc")})
+  directory = tmp_path / report.ABLATIONS_DIR / "probe"
+  directory.mkdir(parents=True)
+  (directory / "ablations.json").write_text(json.dumps(
+      {"dataset": "d", "ensemble_size": 4, "rows": {"full_class_Shirt_seed0": row}}))
+  (directory / "reading.md").write_text("Not adopted.\n")
+  text = report.development_section(str(tmp_path))
+  assert "### MeGU variants against Retrain's distribution: d, N = 4 (`probe`)" in text
+  assert "#### full_class_Shirt_seed0" in text and "Not adopted." in text
+  assert text.index("Not adopted.") < text.index("#### full_class_Shirt_seed0")
+  assert "| megu | 3.000 | 0.350 | 0.300 | 0.150 |" in text
+  assert "Nothing committed yet" in report.development_section(str(tmp_path / "none"))

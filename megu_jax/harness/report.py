@@ -371,6 +371,41 @@ images, T and the perturbing labels; noise optimisation; finetuning; other: set-
 """
 
 
+ABLATIONS_DIR = "ablations"
+
+
+def development_section(results_dir: str) -> str:
+  """MeGU's variants on the development rows: every committed ``ablations.json`` under
+  ``results/ablations/NAME/``, in name order, as ``experiments.ablations`` renders it, after
+  the ``reading.md`` beside it (prose without figures: the figures are the table's)."""
+  from megu_jax.harness import ablations  # noqa: PLC0415 (it imports the experiment stack)
+  root = os.path.join(results_dir, ABLATIONS_DIR)
+  names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+  lines = ["## MeGU on the development rows", "",
+           "Variants of MeGU's settings (`python -m experiments.ablations`, docs/usage.md), each "
+           "run once from every original of a development row and scored per example against "
+           "the oracles, beside doing nothing and the floor. Defaults are chosen on these rows "
+           "only ([method.md §4](method.md)).", ""]
+  if not names:
+    return "\n".join(lines + ["_Nothing committed yet under `results/ablations/`._", ""])
+  for name in names:
+    summary = load(results_dir, os.path.join(ABLATIONS_DIR, name, "ablations.json"))
+    if summary is None:
+      continue
+    title, *body = ablations.markdown(summary).splitlines()
+    # Its title as this subsection's, its row headings two levels down.
+    lines += [f"### {title.lstrip('# ')} (`{name}`)", ""]
+    reading = os.path.join(root, name, "reading.md")  # a few sentences, written by hand
+    if os.path.exists(reading):
+      with open(reading, encoding="utf-8") as f:
+        lines += [f.read().strip(), ""]
+    while body and not body[0].strip():
+      body.pop(0)
+    lines += ["##" + line if line.startswith("## ") else line for line in body]
+    lines.append("")
+  return "\n".join(lines)
+
+
 def results_md(results_dir: str) -> str:
   from megu_jax.harness import ensemble_report  # noqa: PLC0415 (it imports numpy and plots)
   return _GENERATED + f"""
@@ -388,6 +423,7 @@ times are comparable only within one run on quiet cores, and the load is in the 
 
 {recipes_table(load(results_dir, RECIPES))}
 {ensemble_report.headline_section(results_dir)}
+{development_section(results_dir)}
 ## The main job (`make demo`)
 
 {demo_table(load(results_dir, DEMO))}"""
