@@ -84,3 +84,17 @@ def test_the_development_section_renders_each_committed_ablation_with_its_readin
   assert text.index("Not adopted.") < text.index("#### full_class_Shirt_seed0")
   assert "| megu | 3.000 | 0.350 | 0.300 | 0.150 |" in text
   assert "Nothing committed yet" in report.development_section(str(tmp_path / "none"))
+
+
+def test_the_headline_section_carries_the_reading_beside_the_tables(tmp_path, monkeypatch):
+  # The per-scenario tables have their own fields; only the reading's place is checked here.
+  monkeypatch.setattr(ensemble_report, "klom_table", lambda summary: "")
+  monkeypatch.setattr(ensemble_report, "literature_table", lambda summary: "")
+  directory = tmp_path / ensemble_report.HEADLINE_DIR / "full_class_Shirt"
+  directory.mkdir(parents=True)
+  (directory / "ensemble.json").write_text(json.dumps(summary()))
+  assert "**Reading.**" not in ensemble_report.headline_section(str(tmp_path))
+  (directory.parent / "reading.md").write_text("Only Retrain lies within the floor.\n")
+  text = ensemble_report.headline_section(str(tmp_path))
+  assert "**Reading.** Only Retrain lies within the floor." in text
+  assert text.index("**Reading.**") < text.index("### d, full_class: forget Shirt")

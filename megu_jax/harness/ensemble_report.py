@@ -236,6 +236,10 @@ def headline_section(results_dir: str) -> str:
             "Where each method lies within what a second Retrain ensemble of its size scores "
             "(forget, retain, val: at or below the floor's upper bound; F: at or above its lower "
             "bound):", "", floor_tables(runs), ""]
+  reading = os.path.join(results_dir, HEADLINE_DIR, "reading.md")  # prose, written by hand
+  if os.path.exists(reading):
+    with open(reading, encoding="utf-8") as f:
+      lines += ["**Reading.** " + f.read().strip(), ""]
   for summary in runs:
     lines += [f"### {_title(summary)}", "", klom_table(summary), "", literature_table(summary),
               "", f"<sub>{provenance.describe(summary.get('provenance'))}</sub>", ""]
