@@ -351,6 +351,51 @@ def test_calibration_finetunes_until_the_forgotten_images_look_unseen(digits, tr
   assert short_gap > gap
 
 
+def test_retained_head_calibration_needs_a_frozen_prefix(digits, trained, split, no_compute):
+  forget, retain = unlearn_data(digits, split)
+  with pytest.raises(unlearning.UnlearningInputError,
+                     match="calibration='retained_head' needs config.megu.freeze_through"):
+    megu_lib.megu(trained, forget, retain, experiment_config(calibration="retained_head"),
+                  jax.random.key(0))
+
+
+def test_the_retained_head_stand_in_never_saw_the_forgotten_images(digits, trained, split):
+  from megu_jax.unlearning.megu import calibration  # pylint: disable=import-outside-toplevel
+  forget, retain = unlearn_data(digits, split)
+  settings = megu_lib.megu_settings(experiment_config(freeze_through="block3"))
+  prefix = lambda data: train.predict(trained, data.images, activations=("block3",))["block3"]
+  forget_prefix, retain_prefix = prefix(forget), prefix(retain)
+  stand_in = lambda inputs, labels: calibration.retained_head_margins(
+      trained, settings, inputs, labels, forget_prefix, forget.labels, forget.images,
+      jax.random.key(1))
+  without = stand_in(retain_prefix, retain.labels)
+  with_forget = stand_in(np.concatenate([retain_prefix, forget_prefix]),
+                         np.concatenate([retain.labels, forget.labels]))
+  # A head that never trained on the class calls none of its images by it; the same head
+  # trained with them back in recognises them, as the original does.
+  assert np.all(without < 0)
+  assert np.mean(with_forget > 0) > 0.9
+  assert np.mean(metrics_margins(trained, forget) > 0) > 0.9
+
+
+def test_retained_head_calibration_stops_at_the_stand_ins_margin(digits, trained, split):
+  forget, retain = unlearn_data(digits, split)
+  timings = {}
+  # A step size at which digits reach the target well within the step budget.
+  unlearned = megu_lib.megu(
+      trained, forget, retain,
+      experiment_config(calibration="retained_head", freeze_through="block3", learning_rate=0.3,
+                        calibration_every=5, calibration_max_steps=200),
+      jax.random.key(0), timings=timings)
+  steps, target = timings["calibration_steps"], timings["calibration_target"]
+  assert target < 0  # the stand-in does not recognise the forgotten class
+  assert 5 <= steps < 200 and steps % 5 == 0
+  gap = metrics_margins(unlearned, forget).mean() - target
+  assert gap == pytest.approx(timings["calibration_gap"], abs=1e-3)
+  assert gap <= 0
+  assert timings["calibration_s"] > 0 and timings["compile_s"] > 0
+
+
 def metrics_margins(model, data):
   from megu_jax import ensemble_metrics  # pylint: disable=import-outside-toplevel
   return ensemble_metrics.margins(train.predict(model, data.images)["logits"], data.labels)

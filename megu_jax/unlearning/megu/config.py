@@ -13,6 +13,7 @@ import numpy as np
 from megu_jax import noise as noise_lib
 from megu_jax import train
 from megu_jax import transition as transition_lib
+from megu_jax.unlearning.megu.calibration import CALIBRATIONS
 from megu_jax.unlearning.base import (FINETUNING_OPTIMIZERS, FINETUNING_SCHEDULES,
                                       UnlearningInputError, check_choice, check_positive,
                                       method_settings, num_classes_of)
@@ -22,7 +23,6 @@ NOISE_PER = ("class", "sample", "auto")
 LABEL_MODES = ("sample", "argmax")
 LABEL_GUIDANCE = ("transition", "transition_x_model")
 FORGET_TARGETS = ("label", "distribution")
-CALIBRATIONS = ("none", "non_member_margin")
 
 
 class MissingTransitionFileError(UnlearningInputError, FileNotFoundError):
@@ -82,13 +82,17 @@ def default_megu_config() -> ml_collections.ConfigDict:
   c.forget_batch_size = 128
   c.retain_batch_size = 128
   c.retain_subset_size = 0     # draw retain batches from this many retain images; 0 = all
-  # Retrain-free stopping rule. none: finetune for ``steps``. non_member_margin: after ``steps``,
-  # keep going (checking every calibration_every steps, up to calibration_max_steps, the
-  # schedule spanning those) until the forgotten images' mean margin is no higher than that of
-  # unseen images of the same classes (``non_members``): no longer recognised as members.
+  # Retrain-free stopping rule (calibration.py). none: finetune for ``steps``. Otherwise check
+  # the forgotten images' mean margin every calibration_every steps, up to calibration_max_steps
+  # (the schedule spans those), and stop once it is no higher than a target.
+  # non_member_margin (from ``steps`` on): that of unseen images of the same classes
+  # (``non_members``). retained_head (from the first check; ``steps`` unused): the margin a head
+  # retrained on the retained images over θ₀'s frozen prefix gives them (needs freeze_through),
+  # trained for calibration_epochs (0: the original's recipe's epochs).
   c.calibration = "none"
   c.calibration_every = 10
   c.calibration_max_steps = 200
+  c.calibration_epochs = 0
   # Random (sample-level) forgetting: these fields replace the ones above. A hundred samples'
   # batches revisited for every step dominate a full-weight update, so MeGU does little here.
   c.random_scenario = ml_collections.ConfigDict(
@@ -152,7 +156,7 @@ def validate_settings(settings: ml_collections.ConfigDict, trained: train.Traine
     check_positive(f(name), settings[name])
   for name in ("steps", "noise_steps", "top_k", "retain_subset_size",
                "prototype_samples_per_class", "forget_batch_size", "retain_batch_size",
-               "calibration_every", "calibration_max_steps"):
+               "calibration_every", "calibration_max_steps", "calibration_epochs"):
     value = settings[name]
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
       raise UnlearningInputError(f"{f(name)}={value!r} must be an integer >= 0")
@@ -162,7 +166,16 @@ def validate_settings(settings: ml_collections.ConfigDict, trained: train.Traine
     if settings.calibration_every < 1:
       raise UnlearningInputError(f"{f('calibration_every')}={settings.calibration_every} must "
                                  "be >= 1")
-    if settings.calibration_max_steps < settings.steps:
+    if settings.calibration == "retained_head" and not settings.freeze_through:
+      raise UnlearningInputError(
+          f"{f('calibration')}='retained_head' needs {f('freeze_through')}: its stand-in "
+          "retrains the stages after the frozen prefix (with none frozen it would be Retrain)")
+    if settings.calibration_max_steps < settings.calibration_every:
+      raise UnlearningInputError(
+          f"{f('calibration_max_steps')}={settings.calibration_max_steps} must be at least "
+          f"{f('calibration_every')}={settings.calibration_every}")
+    if (settings.calibration == "non_member_margin"
+        and settings.calibration_max_steps < settings.steps):
       raise UnlearningInputError(
           f"{f('calibration_max_steps')}={settings.calibration_max_steps} must be at least "
           f"{f('steps')}={settings.steps}")

@@ -17,7 +17,6 @@ signature every method shares (:mod:`megu_jax.unlearning.base`); its settings ar
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import time
 from typing import NamedTuple
@@ -34,13 +33,13 @@ from megu_jax import transition as transition_lib
 from megu_jax.unlearning import register
 from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, balanced_subset,
                                       check_data, host_copy, make_finetuning_optimizer,
-                                      num_classes_of, row_stream, run_phase,
-                                      run_phase_once_compiled)
+                                      num_classes_of, row_stream, run_phase)
+from megu_jax.unlearning.megu import calibration as calibration_lib
 from megu_jax.unlearning.megu.config import (megu_settings, noise_rows_per_sample,
                                              own_class_weight, validate_settings)
 from megu_jax.unlearning.megu.labels import draw_perturbing_labels, guided_distribution
-from megu_jax.unlearning.megu.steps import (MeguState, make_finetune_step, make_margin_fn,
-                                            make_noise_step, noise_optimizers)
+from megu_jax.unlearning.megu.steps import (MeguState, make_finetune_step, make_noise_step,
+                                            noise_optimizers)
 
 
 # --- host side: batches ---------------------------------------------------------------------------
@@ -162,7 +161,8 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
   validate_settings(settings, trained, dp.num_devices)
   check_data(trained, forget_data, retain_data)
   calibrate = settings.calibration != "none"
-  if calibrate and (non_members is None or not len(non_members)):
+  if settings.calibration == "non_member_margin" and (non_members is None
+                                                      or not len(non_members)):
     raise UnlearningInputError(
         f"config.megu.calibration={settings.calibration!r} needs non_members: unseen images of "
         "what is forgotten (the harness passes the training pool's unused images when the recipe "
@@ -170,6 +170,7 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
   num_classes = num_classes_of(trained)
   per_sample = noise_rows_per_sample(settings, config)
   label_key, batch_key, step_key = jax.random.split(key, 3)
+  calibration_key = jax.random.fold_in(key, 3)  # apart from the others: they stay as they were
   rng = np.random.default_rng(int(jax.random.randint(batch_key, (), 0, np.iinfo(np.int32).max)))
 
   # 1-2. Transition matrix and perturbing labels: the "machine guidance", computed once.
@@ -235,9 +236,12 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
                       finetune_per_row, with_images="forget_prefix" not in finetune_per_row),
       _retain_batches(rng, retain_rows, retain_data, settings.retain_batch_size, total_steps)))
   if calibrate:
-    state, last_metrics = _finetune_until_unseen(
-        trained, settings, dp, finetune_step, state, batches, finetune_key, steps, total_steps,
-        forget_data, forget_activations, non_members, timings)
+    gap, first_check = _calibration_gap(trained, settings, dp, forget_data, retain_data,
+                                        retain_rows, forget_activations, non_members, steps,
+                                        calibration_key, timings)
+    state, last_metrics = calibration_lib.finetune_until(
+        settings, dp, finetune_step, state, batches, finetune_key, first_check, total_steps,
+        gap, timings)
   else:
     state, last_metrics = run_phase(finetune_step, state, batches, finetune_key, "finetune_s",
                                      timings)
@@ -253,52 +257,35 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
   return dataclasses.replace(trained, state=trained.state.replace(params=state.params))
 
 
-def _margin_inputs(trained, settings, dp, data: UnlearnData, prefix: np.ndarray | None,
-                   timings) -> np.ndarray:
-  """What :func:`make_margin_fn` reads for ``data``: the frozen prefix's output (θ₀'s, which
-  finetuning does not change) or the normalised images."""
-  if settings.freeze_through:
-    if prefix is None:
-      prefix = train.predict(trained, data.images, 1000, dp, timings,
-                             (settings.freeze_through,))[settings.freeze_through]
-    return prefix
-  return np.asarray(train.prepare_images({"image": data.images}, None, trained.mean, trained.std))
-
-
-def _finetune_until_unseen(trained, settings, dp, finetune_step, state, batches, key,
-                           min_steps: int, max_steps: int, forget_data: UnlearnData,
-                           forget_activations: dict, non_members: UnlearnData, timings):
-  """Finetunes ``min_steps``, then ``calibration_every`` at a time until the forgotten images'
-  mean margin is at most the unseen images' (or ``max_steps``). Records the steps taken as
-  ``timings["calibration_steps"]`` and the last mean-margin gap as ``calibration_gap``."""
-  margins = make_margin_fn(trained.model, settings, trained.state.batch_stats)
-  forget_inputs = jnp.asarray(_margin_inputs(
-      trained, settings, dp, forget_data, forget_activations.get(settings.freeze_through),
-      timings))
-  unseen_inputs = jnp.asarray(_margin_inputs(trained, settings, dp, non_members, None, timings))
+def _calibration_gap(trained, settings, dp, forget_data, retain_data, retain_rows,
+                     forget_activations, non_members, steps, key, timings):
+  """``(gap(params) -> float, first check)`` of the stopping rule: the forgotten images' mean
+  margin minus its target (:mod:`.calibration`)."""
+  margins = calibration_lib.make_margin_fn(trained.model, settings, trained.state.batch_stats)
+  forget_prefix = forget_activations.get(settings.freeze_through)
+  forget_inputs = jnp.asarray(calibration_lib.margin_inputs(trained, settings, dp, forget_data,
+                                                            forget_prefix, timings))
   forget_labels = jnp.asarray(forget_data.labels)
-  unseen_labels = jnp.asarray(non_members.labels)
-
-  def gap(current) -> float:
-    params = dp.get_replicated(current).params
-    return float(jnp.mean(margins(params, forget_inputs, forget_labels))
-                 - jnp.mean(margins(params, unseen_inputs, unseen_labels)))
-
-  compiled: set = set()
-  done, last_metrics, current_gap = 0, None, float("nan")
-  while done < max_steps:
-    chunk = min(min_steps if done == 0 else settings.calibration_every, max_steps - done)
-    state, last_metrics = run_phase_once_compiled(
-        finetune_step, state, itertools.islice(batches, chunk),
-        parallel.fold_in_step(key, done), "finetune_s", timings, compiled)
-    done += chunk
-    start = time.perf_counter()
-    current_gap = gap(state)
-    timings["calibration_s"] = timings.get("calibration_s", 0.0) + time.perf_counter() - start
-    if current_gap <= 0.0:
-      break
-  timings.update(calibration_steps=float(done), calibration_gap=current_gap)
-  return state, last_metrics
+  forget_mean = lambda params: float(jnp.mean(margins(params, forget_inputs, forget_labels)))
+  if settings.calibration == "non_member_margin":
+    unseen_inputs = jnp.asarray(calibration_lib.margin_inputs(trained, settings, dp,
+                                                              non_members, None, timings))
+    unseen_labels = jnp.asarray(non_members.labels)
+    return (lambda params: forget_mean(params)
+            - float(jnp.mean(margins(params, unseen_inputs, unseen_labels)))), steps
+  start = time.perf_counter()
+  compile_before = timings.get("compile_s", 0.0)
+  retain_prefix = calibration_lib.margin_inputs(
+      trained, settings, dp, UnlearnData(retain_data.images[retain_rows],
+                                      retain_data.labels[retain_rows],
+                                      retain_data.indices[retain_rows]), None, timings)
+  target = float(np.mean(calibration_lib.retained_head_margins(
+      trained, settings, retain_prefix, retain_data.labels[retain_rows], np.asarray(forget_inputs),
+      forget_data.labels, forget_data.images[:1], key, timings)))
+  timings["calibration_s"] = (timings.get("calibration_s", 0.0) + time.perf_counter() - start
+                              - (timings.get("compile_s", 0.0) - compile_before))
+  timings["calibration_target"] = target
+  return (lambda params: forget_mean(params) - target), settings.calibration_every
 
 
 def _activation_shape(trained: train.Trained, name: str, images: np.ndarray) -> tuple[int, ...]:

@@ -1,0 +1,129 @@
+"""MeGU's Retrain-free stopping rules, ``config.megu.calibration`` (docs/method.md §2.6).
+
+How much finetuning a class needs differs from class to class: a class whose images the network
+tells apart easily (Fashion-MNIST's trousers) is pushed far past where Retrain puts it by the
+same number of steps that leaves a class close to its neighbours (shirts) short of it. A rule
+replaces the fixed ``steps`` by a check, every ``calibration_every`` steps up to
+``calibration_max_steps``, of the forgotten images' mean margin m = z_y − logsumexp_{j≠y} z_j
+against a target that needs no Retrain model:
+
+* ``non_member_margin``: after ``steps``, until the forgotten images' mean margin is at most that
+  of unseen images of the same classes under the current model: no longer recognised as members.
+* ``retained_head``: from the first check, until it is at most the margin a stand-in for Retrain
+  gives them. The stand-in is the stages MeGU trains (those after ``freeze_through``), freshly
+  initialised and trained with the original's own recipe on θ₀'s frozen-prefix outputs of the
+  retained images only: a head that never saw the forgotten images, on the features they share
+  with the rest. It costs a head's training, not a network's.
+
+Each rule records ``calibration_steps`` (steps taken), ``calibration_gap`` (the last mean margin
+minus its target; ≤ 0 when the rule stopped on it) and, for ``retained_head``,
+``calibration_target`` in ``timings``.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from megu_jax import parallel
+from megu_jax import train
+from megu_jax.unlearning.base import UnlearnData, run_phase_once_compiled
+from megu_jax.unlearning.megu.steps import _network, make_margin_fn
+
+CALIBRATIONS = ("none", "non_member_margin", "retained_head")
+
+
+def margin_inputs(trained: train.Trained, settings, dp, data: UnlearnData,
+                  prefix: np.ndarray | None, timings) -> np.ndarray:
+  """What :func:`make_margin_fn` reads for ``data``: the frozen prefix's output (θ₀'s, which
+  finetuning does not change; computed here unless given) or the normalised images."""
+  if settings.freeze_through:
+    if prefix is None:
+      prefix = train.predict(trained, data.images, 1000, dp, timings,
+                             (settings.freeze_through,))[settings.freeze_through]
+    return prefix
+  return np.asarray(train.prepare_images({"image": data.images}, None, trained.mean, trained.std))
+
+
+def retained_head_margins(trained: train.Trained, settings: ml_collections.ConfigDict,
+                          retain_prefix: np.ndarray, retain_labels: np.ndarray,
+                          forget_prefix: np.ndarray, forget_labels: np.ndarray,
+                          example_images: np.ndarray, key: jax.Array,
+                          timings: dict | None = None) -> np.ndarray:
+  """Per-forget-image margins under the stand-in for Retrain (see the module docstring).
+
+  ``retain_prefix`` / ``forget_prefix``: θ₀'s outputs of stage ``settings.freeze_through`` for the
+  retained and forgotten images; ``example_images``: any image(s) of the data set, for the
+  model's initialisation. The stages after the prefix start from that initialisation (key
+  ``key``) and train for ``settings.calibration_epochs`` epochs (0: the original's ``epochs``)
+  with the original's optimiser, batch size and schedule, BatchNorm in inference mode with θ₀'s
+  statistics as in MeGU's own steps. Runs on one device: the head is small. The compilation's
+  time goes to ``timings["compile_s"]``.
+  """
+  recipe = copy.deepcopy(trained.config)
+  with recipe.unlocked():
+    recipe.epochs = int(settings.calibration_epochs or recipe.epochs)
+  batch_size = min(int(recipe.batch_size), len(retain_labels))
+  steps_per_epoch = len(retain_labels) // batch_size
+  tx = train.make_training_optimizer(recipe, steps_per_epoch)
+  init_key, order_key = jax.random.split(key)
+  images = train.prepare_images({"image": np.asarray(example_images[:1])}, None, trained.mean,
+                                trained.std)
+  params = trained.model.init(init_key, images, train=False)["params"]
+  g, _ = _network(trained.model, settings.activation, trained.state.batch_stats,
+                  settings.freeze_through)
+  inputs = jnp.asarray(retain_prefix)
+  labels = jnp.asarray(retain_labels, jnp.int32)
+
+  def one_epoch(params, opt_state, order):
+    def body(carry, rows):
+      params, opt_state = carry
+      grads = jax.grad(lambda p: train.cross_entropy(g(p, inputs[rows])[0], labels[rows]))(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), None
+    (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), order)
+    return params, opt_state
+
+  opt_state = tx.init(params)
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(order_key)).ravel().tolist())
+  orders = [rng.permutation(len(retain_labels))[:steps_per_epoch * batch_size]
+            .reshape(steps_per_epoch, batch_size).astype(np.int32)
+            for _ in range(recipe.epochs)]
+  start = time.perf_counter()
+  compiled = jax.jit(one_epoch).lower(params, opt_state, orders[0]).compile()
+  if timings is not None:
+    timings["compile_s"] = timings.get("compile_s", 0.0) + time.perf_counter() - start
+  for order in orders:
+    params, opt_state = compiled(params, opt_state, order)
+  margins = make_margin_fn(trained.model, settings, trained.state.batch_stats)
+  return np.asarray(margins(params, jnp.asarray(forget_prefix),
+                            jnp.asarray(forget_labels, jnp.int32)), np.float64)
+
+
+def finetune_until(settings: ml_collections.ConfigDict, dp: parallel.DataParallel,
+                   finetune_step, state, batches, key: jax.Array, first_check: int,
+                   max_steps: int, gap: Callable[[object], float], timings: dict):
+  """Finetunes ``first_check`` steps, then ``calibration_every`` at a time, until
+  ``gap(params) <= 0`` or ``max_steps``. Records ``calibration_steps`` and ``calibration_gap``."""
+  compiled: set = set()
+  done, last_metrics, current_gap = 0, None, float("nan")
+  while done < max_steps:
+    chunk = min(first_check if done == 0 else settings.calibration_every, max_steps - done)
+    state, last_metrics = run_phase_once_compiled(
+        finetune_step, state, itertools.islice(batches, chunk),
+        parallel.fold_in_step(key, done), "finetune_s", timings, compiled)
+    done += chunk
+    start = time.perf_counter()
+    current_gap = gap(dp.get_replicated(state).params)
+    timings["calibration_s"] = timings.get("calibration_s", 0.0) + time.perf_counter() - start
+    if current_gap <= 0.0:
+      break
+  timings.update(calibration_steps=float(done), calibration_gap=current_gap)
+  return state, last_metrics
