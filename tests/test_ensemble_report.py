@@ -98,3 +98,13 @@ def test_the_headline_section_carries_the_reading_beside_the_tables(tmp_path, mo
   text = ensemble_report.headline_section(str(tmp_path))
   assert "**Reading.** Only Retrain lies within the floor." in text
   assert text.index("**Reading.**") < text.index("### d, full_class: forget Shirt")
+
+
+def test_the_cost_table_shows_what_each_recorded_run_trained_and_took():
+  row = summary()
+  row["timing"] = {"models_trained": 32, "models_training_s": 1500.0, "training_wall_s": 1560.0,
+                   "wall_s": 1800.0}
+  table = ensemble_report.cost_table([row, {**summary(), "scenario": "random", "forget": [],
+                                            "forget_size": 100}])
+  assert "| full_class Shirt | 32 | 26.0 | 30.0 |" in table
+  assert "| random 100 | – |" in table

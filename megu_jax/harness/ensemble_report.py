@@ -183,6 +183,11 @@ def headline_runs(results_dir: str) -> list[dict]:
   return found
 
 
+def scenario_label(summary: dict) -> str:
+  """``full_class Shirt``, ``sub_class Sneaker``, ``random 100``."""
+  return f"{summary['scenario']} {', '.join(summary['forget']) or summary['forget_size']}"
+
+
 def _sizes(summaries: list[dict]) -> list[int]:
   return sorted({entry["ensemble_size"] for summary in summaries
                  for entry in summary["methods"].values()}, reverse=True)
@@ -211,13 +216,25 @@ def floor_tables(summaries: list[dict]) -> str:
            "|---|---|---|---|---|"]
   choice = {n: targets.headline_statistic(summaries, n) for n in _sizes(summaries)}
   for summary in summaries:
-    forget = ", ".join(summary["forget"]) or f"{summary['forget_size']} random"
     for name, entry in summary["methods"].items():
       family, statistic = choice[entry["ensemble_size"]]
       rows = targets.against_floor(summary, name, family, statistic)
       met = [split for split, row in rows.items() if row["within_floor"]]
-      lines.append(f"| {summary['scenario']} {forget} | {name} | {entry['ensemble_size']} | "
+      lines.append(f"| {scenario_label(summary)} | {name} | {entry['ensemble_size']} | "
                    f"{family} {statistic} | {', '.join(met) or 'none'} |")
+  return "\n".join(lines)
+
+
+def cost_table(summaries: list[dict]) -> str:
+  """Per scenario: what the recorded invocation trained and how long it ran (a resumed run
+  counts only what it trained itself; models shared with an earlier scenario are not counted)."""
+  lines = ["| scenario | models trained by this run | their training (min) | whole run (min) |",
+           "|---|---|---|---|"]
+  for summary in summaries:
+    timing = summary.get("timing", {})
+    lines.append(f"| {scenario_label(summary)} | {timing.get('models_trained', '–')} | "
+                 f"{_fmt(timing.get('training_wall_s', float('nan')) / 60, 1)} | "
+                 f"{_fmt(timing.get('wall_s', float('nan')) / 60, 1)} |")
   return "\n".join(lines)
 
 
@@ -240,6 +257,8 @@ def headline_section(results_dir: str) -> str:
   if os.path.exists(reading):
     with open(reading, encoding="utf-8") as f:
       lines += ["**Reading.** " + f.read().strip(), ""]
+  lines += ["What each scenario's recorded run cost (one after another in one command; the "
+            "machine is in each scenario's provenance line):", "", cost_table(runs), ""]
   for summary in runs:
     lines += [f"### {_title(summary)}", "", klom_table(summary), "", literature_table(summary),
               "", f"<sub>{provenance.describe(summary.get('provenance'))}</sub>", ""]
@@ -267,8 +286,7 @@ def headline_summary(results_dir: str) -> str:
   if not runs:
     return "_The headline run has not been committed yet ([docs/results.md](docs/results.md))._\n"
   choice = {n: targets.headline_statistic(runs, n) for n in _sizes(runs)}
-  names_of = lambda s: f"{s['scenario']} {', '.join(s['forget']) or s['forget_size']}"
-  header = "| method | N | " + " | ".join(f"{names_of(s)}: forget / retain / val, F"
+  header = "| method | N | " + " | ".join(f"{scenario_label(s)}: forget / retain / val, F"
                                            for s in runs) + " |"
   lines = [header, "|---|---|" + "---|" * len(runs)]
   for name in _method_order(runs):
