@@ -108,3 +108,28 @@ def test_the_cost_table_shows_what_each_recorded_run_trained_and_took():
                                             "forget_size": 100}])
   assert "| full_class Shirt | 32 | 26.0 | 30.0 |" in table
   assert "| random 100 | – |" in table
+
+
+def test_the_all_class_table_marks_development_rows_and_counts_where_megu_is_lowest(tmp_path):
+  root = tmp_path / ensemble_report.ALL_CLASS_DIR
+  shirt = summary()  # MeGU forget 3.0 above NegGrad+'s 1.5: not the lowest
+  trouser = {**summary(), "forget": ["Trouser"]}
+  trouser["methods"] = {**trouser["methods"],
+                        "megu": method(1.0, 0.35, 0.3, 0.15, 4, floor_of(0.3, 0.16))}
+  draw = {**summary(), "scenario": "random", "forget": [], "forget_size": 100, "split_seed": 1}
+  for name, row in (("full_class_Shirt", shirt), ("full_class_Trouser", trouser),
+                    ("random_100_1", draw)):
+    (root / name).mkdir(parents=True)
+    (root / name / "ensemble.json").write_text(json.dumps(row))
+  text = ensemble_report.all_class_section(str(tmp_path), development=("full_class Shirt",))
+  lines = {line.split("|")[1].strip(): line for line in text.splitlines()
+           if line.startswith("| ") and "---" not in line}
+  assert lines["full_class Shirt (dev)"].startswith(
+      "| full_class Shirt (dev) | 4 | 3.00 / **0.35** / **0.30** | neggrad_plus: 1.50 / "
+      "**0.65** / **0.50** | 0.30 / 0.30 / 0.30 | no | retain, val, F |")
+  # Trouser: MeGU's forget 1.0 below NegGrad+'s 1.5, retain 0.35 and val 0.30 at or below the best
+  # baseline's upper bounds (0.75 and 0.60).
+  assert "| yes |" in lines["full_class Trouser"]
+  assert "random 100 @1" in lines
+  assert "1 of 2 full_class rows; 0 of 1 random rows" in text
+  assert "Not run yet" in ensemble_report.all_class_section(str(tmp_path / "none"))

@@ -104,3 +104,12 @@ def test_retrain_spread_is_the_mean_gap_between_its_seeds():
   # avg gaps (a third of the MIA difference) are 1, 3 and 2 points: mean 2.
   assert row["retrain_spread"] == pytest.approx(0.02)
   assert targets.targets_markdown([row]).splitlines()[-3].endswith("| 2.0 |")
+
+
+def test_megu_against_baselines_needs_a_baseline_in_the_row():
+  from megu_jax.harness import targets as targets_lib  # pylint: disable=import-outside-toplevel
+  row = {"scenario": "full_class", "forget": ["Shirt"],
+         "methods": {name: {"gaussian_kl": {s: {"mean": 1.0} for s in ("forget", "retain", "val")}}
+                     for name in ("original", "retrain", "megu")}}
+  with pytest.raises(ValueError, match="no baseline beside 'megu'"):
+    targets_lib.against_baselines(row, "gaussian_kl", "mean")

@@ -21,6 +21,7 @@ from megu_jax import io_utils  # noqa: E402
 from megu_jax.harness import provenance  # noqa: E402
 
 SPLITS = ("forget", "retain", "val")
+ALL_CLASS_DIR = os.path.join("ensembles", "all_class")
 HEADLINE_DIR = os.path.join("ensembles", "headline")
 def _ci(entry: dict, statistic: str) -> list[float] | None:
   return entry.get(f"{statistic}_ci95")
@@ -170,8 +171,9 @@ def literature_table(summary: dict) -> str:
 
 
 # --- the committed headline runs ------------------------------------------------------------------
-def headline_runs(results_dir: str) -> list[dict]:
-  root = os.path.join(results_dir, HEADLINE_DIR)
+def headline_runs(results_dir: str, directory: str = HEADLINE_DIR) -> list[dict]:
+  """Every ``ensemble.json`` one level under ``results_dir/directory``, in name order."""
+  root = os.path.join(results_dir, directory)
   if not os.path.isdir(root):
     return []
   found = []
@@ -262,6 +264,58 @@ def headline_section(results_dir: str) -> str:
   for summary in runs:
     lines += [f"### {_title(summary)}", "", klom_table(summary), "", literature_table(summary),
               "", f"<sub>{provenance.describe(summary.get('provenance'))}</sub>", ""]
+  return "\n".join(lines)
+
+
+def row_label(summary: dict) -> str:
+  """:func:`scenario_label`, with the forget draw of a random row (``random 100 @1``)."""
+  label = scenario_label(summary)
+  return f"{label} @{summary['split_seed']}" if summary["scenario"] == "random" else label
+
+
+def all_class_section(results_dir: str, development: tuple[str, ...] = ()) -> str:
+  """The all-class table: per row under ``results/ensembles/all_class/``, MeGU, the baseline
+  closest to Retrain on forget and the floor, on the headline statistic of the row's N (chosen
+  on the headline runs); whether MeGU's forget is the lowest without higher retain/val, and
+  where it lies within the floor. ``development``: the row labels the defaults were chosen on."""
+  from megu_jax.harness import targets  # noqa: PLC0415
+  rows = headline_runs(results_dir, ALL_CLASS_DIR)
+  lines = ["## MeGU on every class", ""]
+  if not rows:
+    return "\n".join(lines + ["_Not run yet: the all-class rows are run with MeGU's defaults "
+                              "frozen (docs/usage.md, the `:all_classes` config)._", ""])
+  choose_from = headline_runs(results_dir) or rows
+  lines += ["Each row at MeGU's frozen defaults; *dev* marks the development rows the defaults "
+            "were chosen on. Values: forget / retain / val of the headline statistic of the "
+            "row's N; **bold**: within the floor's 95 % interval. *Lowest* is yes when MeGU's "
+            "forget is below every baseline's and its retain and val at or below the best "
+            "baseline's upper 95 % bound.", "",
+            "| row | N | MeGU | closest baseline on forget | floor | lowest | MeGU within the "
+            "floor on |", "|---|---|---|---|---|---|---|"]
+  counts: dict[str, list[int]] = {}
+  for summary in sorted(rows, key=lambda s: (s["scenario"], row_label(s))):
+    megu = summary["methods"].get("megu")
+    if megu is None:
+      continue
+    family, statistic = targets.headline_statistic(choose_from, megu["ensemble_size"])
+    verdict = targets.against_baselines(summary, family, statistic)
+    closest = verdict["closest_baseline"]
+    cell = lambda name: " / ".join(
+        f"**{_fmt(r['value'])}**" if r["within_floor"] else _fmt(r["value"])
+        for split, r in targets.against_floor(summary, name, family, statistic).items()
+        if split != "F")
+    floor = megu["floor"][family]
+    met = [split for split, r in targets.against_floor(summary, "megu", family,
+                                                       statistic).items() if r["within_floor"]]
+    won = verdict["lowest_forget"] and verdict["keeps_retain_val"]
+    counts.setdefault(summary["scenario"], []).append(int(won))
+    label = row_label(summary) + (" (dev)" if row_label(summary) in development else "")
+    lines.append(f"| {label} | {megu['ensemble_size']} | {cell('megu')} | {closest}: "
+                 f"{cell(closest)} | {' / '.join(_fmt(floor[s][statistic]) for s in SPLITS)} | "
+                 f"{'yes' if won else 'no'} | {', '.join(met) or 'none'} |")
+  lines += ["", "MeGU lowest on forget without higher retain/val: " + "; ".join(
+      f"{sum(v)} of {len(v)} {scenario} rows" for scenario, v in sorted(counts.items())) + ".",
+      ""]
   return "\n".join(lines)
 
 

@@ -406,6 +406,17 @@ def development_section(results_dir: str) -> str:
   return "\n".join(lines)
 
 
+def development_rows() -> tuple[str, ...]:
+  """The Fashion-MNIST development rows as the all-class table labels them."""
+  from megu_jax.configs import fashion_mnist  # noqa: PLC0415
+  labels = []
+  for item in fashion_mnist.DEVELOPMENT_ROWS.split(";"):
+    scenario, _, what = item.partition(":")
+    size, _, draw = what.partition("@")
+    labels.append(f"{scenario} {size}" + (f" @{draw}" if draw else ""))
+  return tuple(labels)
+
+
 def results_md(results_dir: str) -> str:
   from megu_jax.harness import ensemble_report  # noqa: PLC0415 (it imports numpy and plots)
   return _GENERATED + f"""
@@ -424,6 +435,7 @@ times are comparable only within one run on quiet cores, and the load is in the 
 {recipes_table(load(results_dir, RECIPES))}
 {ensemble_report.headline_section(results_dir)}
 {development_section(results_dir)}
+{ensemble_report.all_class_section(results_dir, development_rows())}
 ## The main job (`make demo`)
 
 {demo_table(load(results_dir, DEMO))}"""

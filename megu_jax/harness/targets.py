@@ -209,6 +209,30 @@ def against_floor(summary: Mapping, method: str, family: str, statistic: str
   return rows
 
 
+def against_baselines(summary: Mapping, family: str, statistic: str, method: str = "megu",
+                      references: Sequence[str] = ("original", "retrain")) -> dict[str, Any]:
+  """The MeGU issue's per-row test: is ``method``'s forget value the lowest of every method of
+  the row (``references`` left out), with its retain and val values at or below the best
+  baseline's upper 95 % bound on each? Also names the baseline closest on forget."""
+  entry = summary["methods"][method]
+  baselines = {name: e for name, e in summary["methods"].items()
+               if name != method and name not in references}
+  if not baselines:
+    raise ValueError(f"row {summary.get('scenario')} {summary.get('forget')} has no baseline "
+                     f"beside {method!r} (methods: {sorted(summary['methods'])})")
+  value = lambda e, split: e[family][split][statistic]
+  closest = min(baselines, key=lambda name: value(baselines[name], "forget"))
+  keeps = {}
+  for split in ("retain", "val"):
+    best = min(baselines.values(), key=lambda e: value(e, split))[family][split]
+    upper = (_interval(best, statistic) or (best[statistic], best[statistic]))[1]
+    keeps[split] = bool(value(entry, split) <= upper)
+  return {"closest_baseline": closest,
+          "lowest_forget": bool(all(value(entry, "forget") < value(e, "forget")
+                                    for e in baselines.values())),
+          "keeps_retain_val": bool(all(keeps.values())), "keeps": keeps}
+
+
 def floor_markdown(summaries: Sequence[Mapping], method: str, family: str, statistic: str) -> str:
   """One row per scenario: the method's value and the floor's interval on every split, and F."""
   label = statistic.upper() if statistic.startswith("p") else statistic
