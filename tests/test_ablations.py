@@ -50,3 +50,14 @@ def test_variants_from_the_command_line_and_their_bad_values():
   config.ensemble_size = 3
   with pytest.raises(ValueError, match=r"unknown config.megu field\(s\) \['tau'\]"):
     ablations.run(config, "/nonexistent", {"bad": {"tau": 1}})
+  with pytest.raises(ValueError, match=r"unknown config.megu field\(s\) \['random_scenario.tau'\]"):
+    ablations.run(config, "/nonexistent", {"bad": {"random_scenario.tau": 1}})
+
+
+def test_a_dotted_variant_field_sets_the_nested_section():
+  from megu_jax.harness import ensemble  # pylint: disable=import-outside-toplevel
+  from megu_jax.unlearning import megu  # pylint: disable=import-outside-toplevel
+  section = megu.default_megu_config()
+  ensemble.apply_overrides(section, {"random_scenario.learning_rate": 0.04, "steps": 7})
+  assert section.random_scenario.learning_rate == 0.04 and section.steps == 7
+  assert section.learning_rate == megu.default_megu_config().learning_rate

@@ -19,6 +19,8 @@ import os
 import re
 from typing import Any
 
+import ml_collections
+
 from megu_jax import io_utils
 from megu_jax.harness import benchmark
 from megu_jax.harness import ensemble
@@ -81,7 +83,10 @@ def _slug(name: str) -> str:
 def run(config, workdir: str, table: dict[str, dict]) -> dict[str, Any]:
   """Every variant of ``table`` on every row of ``config.benchmark_scenarios``."""
   from megu_jax.unlearning import megu  # noqa: PLC0415
-  known = set(megu.default_megu_config().keys())
+  defaults = megu.default_megu_config()
+  known = set(defaults.keys()) | {f"{section}.{field}" for section, value in defaults.items()
+                                  if isinstance(value, ml_collections.ConfigDict)
+                                  for field in value.keys()}
   for name, overrides in table.items():
     unknown = sorted(set(overrides) - known)
     if unknown:

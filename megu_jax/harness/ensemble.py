@@ -410,6 +410,17 @@ def prepare_ensemble(config: ml_collections.ConfigDict, workdir: str,
                                   "retrain": reference_runs("floor")})
 
 
+def apply_overrides(section: ml_collections.ConfigDict, overrides: dict) -> None:
+  """Sets ``overrides`` in ``section``; a dotted field (``random_scenario.learning_rate``) sets
+  the field of a nested section."""
+  for field, value in overrides.items():
+    *path, leaf = field.split(".")
+    target = section
+    for part in path:
+      target = target[part]
+    target[leaf] = value
+
+
 def run_method_ensemble(ens: Ensemble, name: str, size: int, *, overrides: dict | None = None,
                         tag: str | None = None, failures: dict | None = None) -> list[dict]:
   """``name`` once from each of the first ``size`` originals: their runs (kept on disk under
@@ -425,7 +436,7 @@ def run_method_ensemble(ens: Ensemble, name: str, size: int, *, overrides: dict 
     if overrides:
       method_config = copy.deepcopy(setting.method_config)
       with method_config.unlocked():
-        method_config[name].update(overrides)
+        apply_overrides(method_config[name], overrides)
       setting = dataclasses.replace(setting, method_config=method_config)
     path = os.path.join(ens.workdir, "runs", tag or name, f"seed{original.seed}")
     try:
