@@ -19,8 +19,6 @@ import os
 import re
 from typing import Any
 
-import ml_collections
-
 from megu_jax import io_utils
 from megu_jax.harness import benchmark
 from megu_jax.harness import ensemble
@@ -84,9 +82,9 @@ def run(config, workdir: str, table: dict[str, dict]) -> dict[str, Any]:
   """Every variant of ``table`` on every row of ``config.benchmark_scenarios``."""
   from megu_jax.unlearning import megu  # noqa: PLC0415
   defaults = megu.default_megu_config()
-  known = set(defaults.keys()) | {f"{section}.{field}" for section, value in defaults.items()
-                                  if isinstance(value, ml_collections.ConfigDict)
-                                  for field in value.keys()}
+  # random_scenario may replace any field of MeGU's (megu_settings checks the same).
+  known = set(defaults.keys()) | {f"random_scenario.{field}" for field in defaults.keys()
+                                  if field != "random_scenario"}
   for name, overrides in table.items():
     unknown = sorted(set(overrides) - known)
     if unknown:
