@@ -69,3 +69,16 @@ def test_bad_scenarios_fail_before_any_training(tmp_path, text, pattern):
   with pytest.raises(ValueError, match=pattern):
     benchmark.run_benchmark(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
+
+def test_the_all_class_config_names_every_row_and_contains_the_development_rows():
+  from megu_jax import unlearning  # pylint: disable=import-outside-toplevel
+  from megu_jax.configs import fashion_mnist  # pylint: disable=import-outside-toplevel
+  config = fashion_mnist.get_config("all_classes")
+  rows = benchmark.parse_scenarios(config.benchmark_scenarios)
+  assert len(rows) == 10 + 4 + 3 and config.ensemble_size == 8
+  assert set(benchmark.parse_scenarios(fashion_mnist.DEVELOPMENT_ROWS)) <= set(rows)
+  for name in config.methods.split(","):
+    unlearning.get_method(name)  # every method is registered
+  with pytest.raises(ValueError, match="unknown variant 'all_class'"):
+    fashion_mnist.get_config("all_class")
