@@ -300,18 +300,18 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = ()) -> st
     family, statistic = targets.headline_statistic(choose_from, megu["ensemble_size"])
     verdict = targets.against_baselines(summary, family, statistic)
     closest = verdict["closest_baseline"]
-    cell = lambda name: " / ".join(
-        f"**{_fmt(r['value'])}**" if r["within_floor"] else _fmt(r["value"])
-        for split, r in targets.against_floor(summary, name, family, statistic).items()
-        if split != "F")
+    cell = lambda rows: " / ".join(
+        f"**{_fmt(rows[s]['value'])}**" if rows[s]["within_floor"] else _fmt(rows[s]["value"])
+        for s in SPLITS)
+    megu_rows = targets.against_floor(summary, "megu", family, statistic)
     floor = megu["floor"][family]
-    met = [split for split, r in targets.against_floor(summary, "megu", family,
-                                                       statistic).items() if r["within_floor"]]
+    met = [split for split, r in megu_rows.items() if r["within_floor"]]
     won = verdict["lowest_forget"] and verdict["keeps_retain_val"]
     counts.setdefault(summary["scenario"], []).append(int(won))
-    label = row_label(summary) + (" (dev)" if row_label(summary) in development else "")
-    lines.append(f"| {label} | {megu['ensemble_size']} | {cell('megu')} | {closest}: "
-                 f"{cell(closest)} | {' / '.join(_fmt(floor[s][statistic]) for s in SPLITS)} | "
+    label = row_label(summary)
+    label += " (dev)" if label in development else ""
+    lines.append(f"| {label} | {megu['ensemble_size']} | {cell(megu_rows)} | {closest}: "
+                 f"{cell(targets.against_floor(summary, closest, family, statistic))} | {' / '.join(_fmt(floor[s][statistic]) for s in SPLITS)} | "
                  f"{'yes' if won else 'no'} | {', '.join(met) or 'none'} |")
   lines += ["", "MeGU lowest on forget without higher retain/val: " + "; ".join(
       f"{sum(v)} of {len(v)} {scenario} rows" for scenario, v in sorted(counts.items())) + ".",

@@ -409,12 +409,9 @@ def development_section(results_dir: str) -> str:
 def development_rows() -> tuple[str, ...]:
   """The Fashion-MNIST development rows as the all-class table labels them."""
   from megu_jax.configs import fashion_mnist  # noqa: PLC0415
-  labels = []
-  for item in fashion_mnist.DEVELOPMENT_ROWS.split(";"):
-    scenario, _, what = item.partition(":")
-    size, _, draw = what.partition("@")
-    labels.append(f"{scenario} {size}" + (f" @{draw}" if draw else ""))
-  return tuple(labels)
+  from megu_jax.harness import benchmark  # noqa: PLC0415
+  return tuple(f"{scenario} {what.replace('@', ' @')}"
+               for scenario, what in benchmark.parse_scenarios(fashion_mnist.DEVELOPMENT_ROWS))
 
 
 def results_md(results_dir: str) -> str:

@@ -119,6 +119,40 @@ def first_call_timed(fn, args: tuple, timings: dict | None):
   return jitted, result
 
 
+def stopping_gap(trained: train.Trained, settings, dp, forget_data: UnlearnData,
+                 retain_data: UnlearnData, retain_rows: np.ndarray,
+                 forget_prefix: np.ndarray | None, non_members: UnlearnData | None, steps: int,
+                 key: jax.Array, timings: dict):
+  """``(gap(params) -> float, first check)`` of ``settings.calibration``: the forgotten images'
+  mean margin minus its target, and after how many steps :func:`finetune_until` first checks it.
+  ``forget_prefix``: θ₀'s frozen-prefix output of the forget images when already computed."""
+  margins = make_margin_fn(trained.model, settings, trained.state.batch_stats)
+  forget_inputs = jnp.asarray(margin_inputs(trained, settings, dp, forget_data, forget_prefix,
+                                            timings))
+  forget_labels = jnp.asarray(forget_data.labels)
+  # Called once here, so that the checks' time leaves the compilation out.
+  first_call_timed(margins, (trained.state.params, forget_inputs, forget_labels), timings)
+  forget_mean = lambda params: float(jnp.mean(margins(params, forget_inputs, forget_labels)))
+  if settings.calibration == "non_member_margin":
+    unseen_inputs = jnp.asarray(margin_inputs(trained, settings, dp, non_members, None, timings))
+    unseen_labels = jnp.asarray(non_members.labels)
+    first_call_timed(margins, (trained.state.params, unseen_inputs, unseen_labels), timings)
+    return (lambda params: forget_mean(params)
+            - float(jnp.mean(margins(params, unseen_inputs, unseen_labels)))), steps
+  start = time.perf_counter()
+  compile_before = timings.get("compile_s", 0.0)
+  retained = UnlearnData(retain_data.images[retain_rows], retain_data.labels[retain_rows],
+                         retain_data.indices[retain_rows])
+  retain_prefix = margin_inputs(trained, settings, dp, retained, None, timings)
+  target = float(np.mean(retained_head_margins(
+      trained, settings, retain_prefix, retained.labels, np.asarray(forget_inputs),
+      forget_data.labels, forget_data.images[:1], key, timings)))
+  timings["calibration_s"] = (timings.get("calibration_s", 0.0) + time.perf_counter() - start
+                              - (timings.get("compile_s", 0.0) - compile_before))
+  timings["calibration_target"] = target
+  return (lambda params: forget_mean(params) - target), settings.calibration_every
+
+
 def finetune_until(settings: ml_collections.ConfigDict, dp: parallel.DataParallel,
                    finetune_step, state, batches, key: jax.Array, first_check: int,
                    max_steps: int, gap: Callable[[object], float], timings: dict):

@@ -236,9 +236,10 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
                       finetune_per_row, with_images="forget_prefix" not in finetune_per_row),
       _retain_batches(rng, retain_rows, retain_data, settings.retain_batch_size, total_steps)))
   if calibrate:
-    gap, first_check = _calibration_gap(trained, settings, dp, forget_data, retain_data,
-                                        retain_rows, forget_activations, non_members, steps,
-                                        calibration_key, timings)
+    gap, first_check = calibration_lib.stopping_gap(
+        trained, settings, dp, forget_data, retain_data, retain_rows,
+        forget_activations.get(settings.freeze_through), non_members, steps, calibration_key,
+        timings)
     state, last_metrics = calibration_lib.finetune_until(
         settings, dp, finetune_step, state, batches, finetune_key, first_check, total_steps,
         gap, timings)
@@ -255,42 +256,6 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
 
   state = dp.get_replicated(state)
   return dataclasses.replace(trained, state=trained.state.replace(params=state.params))
-
-
-def _calibration_gap(trained, settings, dp, forget_data, retain_data, retain_rows,
-                     forget_activations, non_members, steps, key, timings):
-  """``(gap(params) -> float, first check)`` of the stopping rule: the forgotten images' mean
-  margin minus its target (:mod:`.calibration`)."""
-  margins = calibration_lib.make_margin_fn(trained.model, settings, trained.state.batch_stats)
-  forget_prefix = forget_activations.get(settings.freeze_through)
-  forget_inputs = jnp.asarray(calibration_lib.margin_inputs(trained, settings, dp, forget_data,
-                                                            forget_prefix, timings))
-  forget_labels = jnp.asarray(forget_data.labels)
-  # Called once here, so that the checks' time leaves the compilation out.
-  calibration_lib.first_call_timed(margins, (trained.state.params, forget_inputs, forget_labels),
-                                   timings)
-  forget_mean = lambda params: float(jnp.mean(margins(params, forget_inputs, forget_labels)))
-  if settings.calibration == "non_member_margin":
-    unseen_inputs = jnp.asarray(calibration_lib.margin_inputs(trained, settings, dp,
-                                                              non_members, None, timings))
-    unseen_labels = jnp.asarray(non_members.labels)
-    calibration_lib.first_call_timed(margins, (trained.state.params, unseen_inputs,
-                                               unseen_labels), timings)
-    return (lambda params: forget_mean(params)
-            - float(jnp.mean(margins(params, unseen_inputs, unseen_labels)))), steps
-  start = time.perf_counter()
-  compile_before = timings.get("compile_s", 0.0)
-  retain_prefix = calibration_lib.margin_inputs(
-      trained, settings, dp, UnlearnData(retain_data.images[retain_rows],
-                                      retain_data.labels[retain_rows],
-                                      retain_data.indices[retain_rows]), None, timings)
-  target = float(np.mean(calibration_lib.retained_head_margins(
-      trained, settings, retain_prefix, retain_data.labels[retain_rows], np.asarray(forget_inputs),
-      forget_data.labels, forget_data.images[:1], key, timings)))
-  timings["calibration_s"] = (timings.get("calibration_s", 0.0) + time.perf_counter() - start
-                              - (timings.get("compile_s", 0.0) - compile_before))
-  timings["calibration_target"] = target
-  return (lambda params: forget_mean(params) - target), settings.calibration_every
 
 
 def _activation_shape(trained: train.Trained, name: str, images: np.ndarray) -> tuple[int, ...]:
