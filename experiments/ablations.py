@@ -8,6 +8,7 @@ Without ``--variants`` it runs the ablations of docs/method.md §2, step 6 (megu
 ablations.py); ``--variants="tau 0.7:guidance_temperature=0.7;no align:align_weight=0"`` runs
 those instead (beside the defaults). ``--gemini=PATH`` adds a Gemini T. Writes ablations.json and
 ablations.md into the workdir; trained models and finished runs are reused.
+``--models_root=DIR`` shares trained models with other runs (default WORKDIR/models).
 """
 from absl import flags
 from ml_collections import config_flags
@@ -21,13 +22,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for models, runs and 
 _GEMINI = flags.DEFINE_string("gemini", None, "A T .npy built with the Gemini oracle (optional).")
 _VARIANTS = flags.DEFINE_string("variants", None,
                                 "NAME:field=value[,field=value];... instead of the ablations.")
+_MODELS_ROOT = flags.DEFINE_string("models_root", None,
+                                   "Where the trained models live (default: WORKDIR/models).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main():
   table = (ablations.parse_variants(_VARIANTS.value) if _VARIANTS.value
            else ablations.variants(_GEMINI.value))
-  summary = ablations.run(_CONFIG.value, _WORKDIR.value, table)
+  summary = ablations.run(_CONFIG.value, _WORKDIR.value, table, models_root=_MODELS_ROOT.value)
   print(ablations.markdown(summary))
 
 

@@ -17,7 +17,9 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
   config.ensemble_size = ensemble_metrics.MIN_MODELS_FORGETTING
   config.ensemble_retain_examples, config.ensemble_val_examples = 100, 100
   config.benchmark_scenarios = "full_class:3;random:20@1"
-  summary = ablations.run(config, str(tmp_path), chosen)
+  summary = ablations.run(config, str(tmp_path), chosen, models_root=str(tmp_path / "shared"))
+  # The models went where they were asked to, to be shared with other workdirs.
+  assert list((tmp_path / "shared").glob("original_*")) and not (tmp_path / "models").exists()
   assert set(summary["rows"]) == {benchmark.cell_name("full_class", "3", 0),
                                   benchmark.cell_name("random", "20@1", 0)}
   for row in summary["rows"].values():

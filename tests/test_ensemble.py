@@ -60,6 +60,9 @@ def test_ensemble_json_holds_every_field_the_issue_names(finished):
     for column in ("retain_test_acc", "forget_test_acc", "test_acc", "mia_entropy_lr", "time_s"):
       assert {"mean", "std"} <= set(entry[column]), (name, column)
   assert on_disk["provenance"]["command"] and on_disk["provenance"]["date"]
+  # The settings each method ran with, as configured (the frozen-defaults test reads them).
+  assert on_disk["settings"].keys() == {"finetune", "megu"}
+  assert on_disk["settings"]["megu"] == json.loads(json.dumps(ensemble_config().megu.to_dict()))
   for name in ("oracle", "original", "retrain", "finetune"):
     with np.load(workdir / "margins" / f"{name}.npz") as margins:
       assert margins["forget"].shape == (N, on_disk["examples"]["forget"])

@@ -132,4 +132,8 @@ def test_the_all_class_table_marks_development_rows_and_counts_where_megu_is_low
   assert "| yes |" in lines["full_class Trouser"]
   assert "random 100 @1" in lines
   assert "1 of 2 full_class rows; 0 of 1 random rows" in text
+  assert "rows run" not in text  # without the expected rows nothing is said to be missing
+  expected = ("full_class Shirt", "full_class Trouser", "random 100 @1", "sub_class Coat")
+  assert ("3 of 4 rows run; still to run: sub_class Coat." in
+          ensemble_report.all_class_section(str(tmp_path), expected=expected))
   assert "Not run yet" in ensemble_report.all_class_section(str(tmp_path / "none"))

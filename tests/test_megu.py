@@ -396,6 +396,39 @@ def test_retained_head_calibration_stops_at_the_stand_ins_margin(digits, trained
   assert timings["calibration_s"] > 0 and timings["compile_s"] > 0
 
 
+def test_retained_head_calibration_averages_its_heads(digits, trained, split, monkeypatch):
+  from megu_jax.unlearning.megu import calibration  # pylint: disable=import-outside-toplevel
+  forget, retain = unlearn_data(digits, split)
+  keys = []  # per run, the key of each head
+
+  def fake_head(*args):  # within a run, the first head's margins are -1, the second's -3
+    keys[-1].append(np.asarray(jax.random.key_data(args[7])))
+    return np.full(len(forget.labels), -1.0 - 2.0 * (len(keys[-1]) - 1))
+
+  monkeypatch.setattr(calibration, "retained_head_margins", fake_head)
+  targets = []
+  for heads in (1, 2):
+    timings = {}
+    keys.append([])
+    megu_lib.megu(trained, forget, retain,
+                  experiment_config(calibration="retained_head", freeze_through="block3",
+                                    calibration_every=5, calibration_max_steps=5,
+                                    calibration_heads=heads),
+                  jax.random.key(0), timings=timings)
+    targets.append(timings["calibration_target"])
+  assert targets == [-1.0, -2.0]  # one head's margin, then the mean of two heads'
+  assert np.array_equal(keys[0][0], keys[1][0])  # the first head is the one-head rule's
+  assert not np.array_equal(keys[1][0], keys[1][1])
+
+
+def test_calibration_heads_must_be_positive(digits, trained, split, no_compute):
+  forget, retain = unlearn_data(digits, split)
+  with pytest.raises(unlearning.UnlearningInputError, match="calibration_heads=0 must be >= 1"):
+    megu_lib.megu(trained, forget, retain,
+                  experiment_config(calibration="retained_head", freeze_through="block3",
+                                    calibration_heads=0), jax.random.key(0))
+
+
 def metrics_margins(model, data):
   from megu_jax import ensemble_metrics  # pylint: disable=import-outside-toplevel
   return ensemble_metrics.margins(train.predict(model, data.images)["logits"], data.labels)

@@ -18,8 +18,9 @@ Append ``:all_classes`` for the all-class table (MeGU's frozen defaults on every
 with the three baselines the headline run found closest to Retrain; hours of 2-core compute,
 resumable model by model):
   python -m experiments.benchmark --config=megu_jax/configs/fashion_mnist.py:all_classes \
-    --workdir=runs/all_classes
-then copy runs/all_classes/ensembles/*/ensemble.json to results/ensembles/all_class/<row>/.
+    --workdir=runs/all_classes --models_root=runs/headline/models
+(the headline's models are reused), then copy runs/all_classes/ensembles/*/ensemble.json to
+results/ensembles/all_class/<row>/.
 """
 import ml_collections
 
@@ -41,10 +42,13 @@ from megu_jax.unlearning import unsir
 DEVELOPMENT_ROWS = ("full_class:Shirt;full_class:Trouser;sub_class:Sneaker;sub_class:Coat;"
                     "random:100@0;random:100@1;random:100@2")
 
-ALL_CLASS_ROWS = ";".join(
+# Every class full-class, four sub-classes and three random draws; the development rows run
+# first, so that a run stopped part-way has the rows the defaults were chosen on.
+_DEVELOPMENT = DEVELOPMENT_ROWS.split(";")
+ALL_CLASS_ROWS = ";".join(_DEVELOPMENT + [row for row in (
     [f"full_class:{name}" for name in datasets.FASHION_MNIST_CLASS_NAMES]
     + [f"sub_class:{name}" for name in ("Coat", "Sandal", "Shirt", "Sneaker")]
-    + [f"random:100@{draw}" for draw in range(3)])
+    + [f"random:100@{draw}" for draw in range(3)]) if row not in _DEVELOPMENT])
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

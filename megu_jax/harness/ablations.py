@@ -78,7 +78,8 @@ def _slug(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "variant"
 
 
-def run(config, workdir: str, table: dict[str, dict]) -> dict[str, Any]:
+def run(config, workdir: str, table: dict[str, dict],
+        models_root: str | None = None) -> dict[str, Any]:
   """Every variant of ``table`` on every row of ``config.benchmark_scenarios``."""
   from megu_jax.unlearning import megu  # noqa: PLC0415
   defaults = megu.default_megu_config()
@@ -99,7 +100,7 @@ def run(config, workdir: str, table: dict[str, dict]) -> dict[str, Any]:
   results: dict[str, Any] = {}
   for row, cell in cells.items():
     directory = os.path.join(workdir, "rows", benchmark.cell_name(*row, seed=config.seed))
-    ens = ensemble.prepare_ensemble(cell, directory, os.path.join(workdir, "models"),
+    ens = ensemble.prepare_ensemble(cell, directory, models_root or os.path.join(workdir, "models"),
                                     checked[row])
     oracle = ens.oracle_margins
     floor = ens.reference_runs["retrain"]

@@ -75,10 +75,11 @@ def cell_name(scenario: str, what: str, seed: int) -> str:
   return f"{scenario}_{experiment._slug(what)}_seed{seed}"
 
 
-def run_ensemble_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run_ensemble_benchmark(config: ml_collections.ConfigDict, workdir: str,
+                           models_root: str | None = None) -> dict[str, Any]:
   """``config.ensemble_size`` > 0: one ensemble run per scenario (:mod:`.ensemble`), sharing
-  ``workdir/models``; writes ``benchmark.json`` (every scenario's ``ensemble.json`` content) and
-  ``benchmark.md``. Each scenario's own outputs are under ``workdir/ensembles/<scenario>_<what>``.
+  the models under ``models_root`` (default ``workdir/models``); writes ``benchmark.json`` (every scenario's
+  ``ensemble.json`` content) and ``benchmark.md``. Each scenario's own outputs are under ``workdir/ensembles/<scenario>_<what>``.
   """
   from megu_jax.harness import ensemble  # noqa: PLC0415 (the seed-cell benchmark needs none of it)
   from megu_jax.harness import ensemble_report  # noqa: PLC0415
@@ -86,7 +87,7 @@ def run_ensemble_benchmark(config: ml_collections.ConfigDict, workdir: str) -> d
   configs = {item: cell_config(config, *item, seed=config.seed) for item in scenarios}
   for item, cell in configs.items():  # every scenario checked before any training
     ensemble.validate(cell)
-  models_root = os.path.join(workdir, "models")
+  models_root = models_root or os.path.join(workdir, "models")
   summaries = []
   for (scenario, what), cell in configs.items():
     directory = os.path.join(workdir, "ensembles", f"{scenario}_{experiment._slug(what)}")
@@ -99,13 +100,16 @@ def run_ensemble_benchmark(config: ml_collections.ConfigDict, workdir: str) -> d
   return benchmark
 
 
-def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs or resumes every cell; returns (and writes) the aggregated benchmark.
+def run_benchmark(config: ml_collections.ConfigDict, workdir: str,
+                  models_root: str | None = None) -> dict[str, Any]:
+  """Runs or resumes every cell; returns (and writes) the aggregated benchmark. Trained models
+  live under ``models_root`` (default ``workdir/models``): keyed by recipe and seed, one folder
+  can serve several workdirs.
 
   With ``config.ensemble_size`` > 0 the cells are ensembles (:func:`run_ensemble_benchmark`).
   """
   if config.get("ensemble_size", 0):
-    return run_ensemble_benchmark(config, workdir)
+    return run_ensemble_benchmark(config, workdir, models_root)
   if config.seeds <= 0:
     raise ValueError(f"config.seeds={config.seeds} must be positive")
   scenarios = parse_scenarios(config.benchmark_scenarios)
@@ -114,7 +118,7 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   checked = {cell: experiment.validate_before_compute(cell_config(config, *cell))
              for cell in cells}
   methods = next(iter(checked.values()))[2]
-  models_root = os.path.join(workdir, "models")
+  models_root = models_root or os.path.join(workdir, "models")
   bar = tqdm.tqdm(total=len(cells) * len(methods), unit="run", dynamic_ncols=True,
                   disable=not config.get("progress", True))
   records = []

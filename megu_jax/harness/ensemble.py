@@ -55,6 +55,8 @@ RETRAIN_SEED_OFFSET = 1000
 LITERATURE_METRICS = ("retain_test_acc", "forget_test_acc", "test_acc", "retain_train_acc",
                       "forget_train_acc", "mia_entropy_lr", "mia_confidence_svc",
                       "related_test_acc", "probe_forget_acc", "time_s", "compile_s")
+# What MeGU's stopping rule did (config.megu.calibration), as mean ± std, where a run records it.
+STOPPING_RULE_METRICS = ("calibration_steps", "calibration_target")
 REFERENCES = ("original", "retrain")
 
 
@@ -340,7 +342,7 @@ def summarize_method(runs: list[dict], oracle_runs: list[dict], floor_runs: list
   entry = {"ensemble_size": n, **compare(stack(runs), oracle_margins, seed=seed)}
   floor = compare(stack(floor_runs[:n]), oracle_margins, seed=seed)
   entry["floor"] = {k: v for k, v in floor.items() if k != "per_example"}
-  for name in LITERATURE_METRICS:
+  for name in LITERATURE_METRICS + STOPPING_RULE_METRICS:
     values = [run["metrics"][name] for run in runs if name in run["metrics"]]
     if values:
       entry[name] = _mean_std(values)
@@ -490,6 +492,9 @@ def summarize_all(config, dataset, split, methods, runs, oracle_runs, oracle_mar
       "oracles": {name: _mean_std([r["metrics"][name] for r in oracle_runs])
                   for name in LITERATURE_METRICS if name in oracle_runs[0]["metrics"]},
       "methods": {}, "failures": failures, "provenance": provenance.record(),
+      # Each method's settings as configured (config.<name>): what a table was run with.
+      "settings": {name: config[name].to_dict() for name in methods
+                   if isinstance(config.get(name), ml_collections.ConfigDict)},
   }
   floor_runs = runs["retrain"]
   # Doing nothing and the floor at every smaller size a method ran with: the headline statistic

@@ -273,11 +273,13 @@ def row_label(summary: dict) -> str:
   return f"{label} @{summary['split_seed']}" if summary["scenario"] == "random" else label
 
 
-def all_class_section(results_dir: str, development: tuple[str, ...] = ()) -> str:
+def all_class_section(results_dir: str, development: tuple[str, ...] = (),
+                      expected: tuple[str, ...] = ()) -> str:
   """The all-class table: per row under ``results/ensembles/all_class/``, MeGU, the baseline
   closest to Retrain on forget and the floor, on the headline statistic of the row's N (chosen
   on the headline runs); whether MeGU's forget is the lowest without higher retain/val, and
-  where it lies within the floor. ``development``: the row labels the defaults were chosen on."""
+  where it lies within the floor. ``development``: the row labels the defaults were chosen on;
+  ``expected``: every row label of the table, so that the rows still to run are named."""
   from megu_jax.harness import targets  # noqa: PLC0415
   rows = headline_runs(results_dir, ALL_CLASS_DIR)
   lines = ["## MeGU on every class", ""]
@@ -316,6 +318,10 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = ()) -> st
   lines += ["", "MeGU lowest on forget without higher retain/val: " + "; ".join(
       f"{sum(v)} of {len(v)} {scenario} rows" for scenario, v in sorted(counts.items())) + ".",
       ""]
+  missing = [label for label in expected if label not in {row_label(s) for s in rows}]
+  if missing:
+    lines += [f"{len(expected) - len(missing)} of {len(expected)} rows run; still to run: "
+              + ", ".join(missing) + ".", ""]
   return "\n".join(lines)
 
 

@@ -1,9 +1,9 @@
 """Where a result came from, recorded by the command that made it: no one types a date or a hash.
 
 :func:`record` returns the command line, the code's git commit (and whether the work tree had
-uncommitted changes to tracked files), the UTC date, the machine and the library versions. Every
-result file the harness writes carries it under ``"provenance"``; ``experiments.report`` prints it
-under each table it renders.
+uncommitted changes to tracked files) as it was when the process started, the UTC date, the
+machine and the library versions. Every result file the harness writes carries it under
+``"provenance"``; ``experiments.report`` prints it under each table it renders.
 """
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ def git_commit() -> dict[str, Any]:
   return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+# The commit as this process loaded its code: a long run must not take a commit made while it
+# ran (or the changes then in the work tree) for its own.
+_LOADED_FROM = git_commit()
+
+
 def cpu_model() -> str:
   try:
     with open("/proc/cpuinfo") as f:
@@ -66,13 +71,14 @@ def versions() -> dict[str, str]:
 
 
 def record() -> dict[str, Any]:
-  """Command line, commit, date, machine and versions of this process, JSON-ready."""
+  """Command line, commit (when the process started), date, machine and versions of this
+  process, JSON-ready."""
   try:
     usable_cores = len(os.sched_getaffinity(0))
   except AttributeError:  # not on Linux
     usable_cores = os.cpu_count()
   return {
-      "command": command_line(), **git_commit(),
+      "command": command_line(), **_LOADED_FROM,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "machine": {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
                   "usable_cores": usable_cores, "platform": platform.platform(),

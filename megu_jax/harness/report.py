@@ -409,9 +409,20 @@ def development_section(results_dir: str) -> str:
 def development_rows() -> tuple[str, ...]:
   """The Fashion-MNIST development rows as the all-class table labels them."""
   from megu_jax.configs import fashion_mnist  # noqa: PLC0415
+  return row_labels(fashion_mnist.DEVELOPMENT_ROWS)
+
+
+def all_class_rows() -> tuple[str, ...]:
+  """Every row of the Fashion-MNIST all-class table, labelled as the table labels them."""
+  from megu_jax.configs import fashion_mnist  # noqa: PLC0415
+  return row_labels(fashion_mnist.ALL_CLASS_ROWS)
+
+
+def row_labels(scenarios: str) -> tuple[str, ...]:
+  """``"full_class:Shirt;random:100@1"`` -> ``("full_class Shirt", "random 100 @1")``."""
   from megu_jax.harness import benchmark  # noqa: PLC0415
   return tuple(f"{scenario} {what.replace('@', ' @')}"
-               for scenario, what in benchmark.parse_scenarios(fashion_mnist.DEVELOPMENT_ROWS))
+               for scenario, what in benchmark.parse_scenarios(scenarios))
 
 
 def results_md(results_dir: str) -> str:
@@ -432,7 +443,7 @@ times are comparable only within one run on quiet cores, and the load is in the 
 {recipes_table(load(results_dir, RECIPES))}
 {ensemble_report.headline_section(results_dir)}
 {development_section(results_dir)}
-{ensemble_report.all_class_section(results_dir, development_rows())}
+{ensemble_report.all_class_section(results_dir, development_rows(), all_class_rows())}
 ## The main job (`make demo`)
 
 {demo_table(load(results_dir, DEMO))}"""

@@ -13,7 +13,8 @@ against a target that needs no Retrain model:
   gives them. The stand-in is the stages MeGU trains (those after ``freeze_through``), freshly
   initialised and trained with the original's own recipe on θ₀'s frozen-prefix outputs of the
   retained images only: a head that never saw the forgotten images, on the features they share
-  with the rest. It costs a head's training, not a network's.
+  with the rest. It costs a head's training, not a network's; with ``calibration_heads`` > 1 the
+  target is the mean over that many heads, each from its own initialisation and data order.
 
 Each rule records ``calibration_steps`` (steps taken), ``calibration_gap`` (the last mean margin
 minus its target; ≤ 0 when the rule stopped on it) and, for ``retained_head``,
@@ -144,13 +145,20 @@ def stopping_gap(trained: train.Trained, settings, dp, forget_data: UnlearnData,
   retained = UnlearnData(retain_data.images[retain_rows], retain_data.labels[retain_rows],
                          retain_data.indices[retain_rows])
   retain_prefix = margin_inputs(trained, settings, dp, retained, None, timings)
-  target = float(np.mean(retained_head_margins(
+  # Each head's own initialisation and data order; their mean target varies less between runs.
+  target = float(np.mean([np.mean(retained_head_margins(
       trained, settings, retain_prefix, retained.labels, np.asarray(forget_inputs),
-      forget_data.labels, forget_data.images[:1], key, timings)))
+      forget_data.labels, forget_data.images[:1], head_key, timings))
+      for head_key in _head_keys(key, settings.calibration_heads)]))
   timings["calibration_s"] = (timings.get("calibration_s", 0.0) + time.perf_counter() - start
                               - (timings.get("compile_s", 0.0) - compile_before))
   timings["calibration_target"] = target
   return (lambda params: forget_mean(params) - target), settings.calibration_every
+
+
+def _head_keys(key: jax.Array, heads: int) -> list[jax.Array]:
+  """One key per stand-in head; the first is ``key`` itself, so one head is as before."""
+  return [key] + [jax.random.fold_in(key, i) for i in range(1, int(heads))]
 
 
 def finetune_until(settings: ml_collections.ConfigDict, dp: parallel.DataParallel,

@@ -88,11 +88,13 @@ def default_megu_config() -> ml_collections.ConfigDict:
   # non_member_margin (from ``steps`` on): that of unseen images of the same classes
   # (``non_members``). retained_head (from the first check; ``steps`` unused): the margin a head
   # retrained on the retained images over θ₀'s frozen prefix gives them (needs freeze_through),
-  # trained for calibration_epochs (0: the original's recipe's epochs).
+  # trained for calibration_epochs (0: the original's recipe's epochs); the target is the mean
+  # over calibration_heads such heads, each from its own initialisation and data order.
   c.calibration = "none"
   c.calibration_every = 10
   c.calibration_max_steps = 200
   c.calibration_epochs = 0
+  c.calibration_heads = 1
   # Random (sample-level) forgetting: these fields replace the ones above. A hundred samples'
   # batches revisited for every step dominate a full-weight update, so MeGU does little here.
   c.random_scenario = ml_collections.ConfigDict(
@@ -156,7 +158,8 @@ def validate_settings(settings: ml_collections.ConfigDict, trained: train.Traine
     check_positive(f(name), settings[name])
   for name in ("steps", "noise_steps", "top_k", "retain_subset_size",
                "prototype_samples_per_class", "forget_batch_size", "retain_batch_size",
-               "calibration_every", "calibration_max_steps", "calibration_epochs"):
+               "calibration_every", "calibration_max_steps", "calibration_epochs",
+               "calibration_heads"):
     value = settings[name]
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
       raise UnlearningInputError(f"{f(name)}={value!r} must be an integer >= 0")
@@ -165,6 +168,9 @@ def validate_settings(settings: ml_collections.ConfigDict, trained: train.Traine
   if settings.calibration != "none":
     if settings.calibration_every < 1:
       raise UnlearningInputError(f"{f('calibration_every')}={settings.calibration_every} must "
+                                 "be >= 1")
+    if settings.calibration == "retained_head" and settings.calibration_heads < 1:
+      raise UnlearningInputError(f"{f('calibration_heads')}={settings.calibration_heads} must "
                                  "be >= 1")
     if settings.calibration == "retained_head" and not settings.freeze_through:
       raise UnlearningInputError(
