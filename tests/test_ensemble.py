@@ -67,7 +67,14 @@ def test_ensemble_json_holds_every_field_the_issue_names(finished):
     with np.load(workdir / "margins" / f"{name}.npz") as margins:
       assert margins["forget"].shape == (N, on_disk["examples"]["forget"])
       assert margins["val"].shape == (N, 150) and margins["val_positions"].shape == (150,)
-  for plot in ("forget_klom_cdf.png", "forget_margins.png", "ensemble.md"):
+  # Where the forgotten 3s went: the original still calls them 3, no oracle ever does.
+  three = on_disk["class_names"].index("3")
+  assert on_disk["methods"]["original"]["forget_predicted"][three] > 0.8
+  assert on_disk["oracles"]["forget_predicted"][three] == 0.0
+  for entry in [*on_disk["methods"].values(), on_disk["oracles"]]:
+    assert sum(entry["forget_predicted"]) == pytest.approx(1.0)
+  for plot in ("forget_klom_cdf.png", "forget_margins.png", "forget_margins_megu.png",
+               "ensemble.md"):
     assert (workdir / plot).stat().st_size > 0
 
 

@@ -117,10 +117,15 @@ def test_the_all_class_table_marks_development_rows_and_counts_where_megu_is_low
   trouser["methods"] = {**trouser["methods"],
                         "megu": method(1.0, 0.35, 0.3, 0.15, 4, floor_of(0.3, 0.16))}
   draw = {**summary(), "scenario": "random", "forget": [], "forget_size": 100, "split_seed": 1}
+  # Where the forgotten shirts went: Retrain mostly to T-shirts, MeGU mostly to coats.
+  shirt["class_names"] = ["T-shirt", "Coat", "Shirt"]
+  shirt["oracles"] = {"forget_predicted": [0.7, 0.3, 0.0]}
+  shirt["methods"]["megu"] = {**shirt["methods"]["megu"], "forget_predicted": [0.2, 0.8, 0.0]}
   for name, row in (("full_class_Shirt", shirt), ("full_class_Trouser", trouser),
                     ("random_100_1", draw)):
     (root / name).mkdir(parents=True)
     (root / name / "ensemble.json").write_text(json.dumps(row))
+  (root / "full_class_Shirt" / ensemble_report.MEGU_WORST_PLOT).write_bytes(b"png")
   text = ensemble_report.all_class_section(str(tmp_path), development=("full_class Shirt",))
   lines = {line.split("|")[1].strip(): line for line in text.splitlines()
            if line.startswith("| ") and "---" not in line}
@@ -133,6 +138,14 @@ def test_the_all_class_table_marks_development_rows_and_counts_where_megu_is_low
   assert "random 100 @1" in lines
   assert "1 of 2 full_class rows; 0 of 1 random rows" in text
   assert "rows run" not in text  # without the expected rows nothing is said to be missing
+  why = {line.split("|")[1].strip(): line for line in text.split("Where MeGU is not")[1]
+         .splitlines() if line.startswith("| ") and "---" not in line}
+  assert set(why) == {"row", "full_class Shirt", "random 100 @1"}  # Trouser is MeGU's
+  assert why["full_class Shirt"] == (
+      "| full_class Shirt | T-shirt 70 %, Coat 30 % | Coat 80 %, T-shirt 20 % | neggrad_plus: – | "
+      f"[histograms](../results/ensembles/all_class/full_class_Shirt/"
+      f"{ensemble_report.MEGU_WORST_PLOT}) |")
+  assert why["random 100 @1"].endswith("| – | – | neggrad_plus: – | – |")
   expected = ("full_class Shirt", "full_class Trouser", "random 100 @1", "sub_class Coat")
   assert ("3 of 4 rows run; still to run: sub_class Coat." in
           ensemble_report.all_class_section(str(tmp_path), expected=expected))

@@ -260,6 +260,13 @@ def margins_of(outputs: dict[str, dict], dataset, rows: dict[str, np.ndarray]
                                           dataset.test_labels[rows["val"]])}
 
 
+def predicted_fractions(logits: np.ndarray) -> list[float]:
+  """Where a model sends some images: the fraction it predicts as each class."""
+  logits = np.asarray(logits)
+  counts = np.bincount(np.argmax(logits, axis=-1), minlength=logits.shape[-1])
+  return (counts / max(len(logits), 1)).tolist()
+
+
 # --- running the methods, one result per original, kept on disk -----------------------------------
 def _run_key(config, name: str, member_dir: str, split: splits.ForgetSplit) -> str:
   """What determines one method run: its settings, the original it starts from, the split."""
@@ -305,6 +312,7 @@ def run_member(setting: experiment.Setting, name: str, rows: dict[str, np.ndarra
   bad = [split for split, values in margins.items() if not np.all(np.isfinite(values))]
   if bad:
     raise FloatingPointError(f"{name}: non-finite margins on the {', '.join(bad)} split(s)")
+  result["forget_predicted"] = predicted_fractions(outputs["train"]["logits"][rows["forget"]])
   _save_run(path, key, result, margins)
   return {"metrics": result, "margins": margins}
 
@@ -346,6 +354,10 @@ def summarize_method(runs: list[dict], oracle_runs: list[dict], floor_runs: list
     values = [run["metrics"][name] for run in runs if name in run["metrics"]]
     if values:
       entry[name] = _mean_std(values)
+  went = [run["metrics"]["forget_predicted"] for run in runs
+          if "forget_predicted" in run["metrics"]]
+  if len(went) == n:  # runs recorded before it was kept have none
+    entry["forget_predicted"] = np.mean(went, axis=0).tolist()
   reference = {name: np.mean([r["metrics"][name] for r in oracle_runs])
                for name in ("retain_test_acc", "forget_test_acc", "mia_entropy_lr",
                             "retain_train_acc", "test_acc")}
@@ -491,6 +503,7 @@ def summarize_all(config, dataset, split, methods, runs, oracle_runs, oracle_mar
       "seeds": member_seeds(config),
       "oracles": {name: _mean_std([r["metrics"][name] for r in oracle_runs])
                   for name in LITERATURE_METRICS if name in oracle_runs[0]["metrics"]},
+      "class_names": list(dataset.class_names),
       "methods": {}, "failures": failures, "provenance": provenance.record(),
       # Each method's settings as configured (config.<name>): what a table was run with.
       "settings": {name: config[name].to_dict() for name in methods
@@ -511,4 +524,8 @@ def summarize_all(config, dataset, split, methods, runs, oracle_runs, oracle_mar
     entry = summarize_method(runs[name], oracle_runs, floor_runs, oracle_margins, seed=seed)
     entry.pop("per_example", None)
     summary["methods"][name] = entry
+  if all("forget_predicted" in r["metrics"] for r in oracle_runs):
+    # Where Retrain sends the forgotten images, beside where each method does.
+    summary["oracles"]["forget_predicted"] = np.mean(
+        [r["metrics"]["forget_predicted"] for r in oracle_runs], axis=0).tolist()
   return summary

@@ -22,6 +22,8 @@ from megu_jax.harness import provenance  # noqa: E402
 
 SPLITS = ("forget", "retain", "val")
 ALL_CLASS_DIR = os.path.join("ensembles", "all_class")
+# Oracle, original and MeGU margins of the forget examples MeGU is furthest from Retrain on.
+MEGU_WORST_PLOT = "forget_margins_megu.png"
 HEADLINE_DIR = os.path.join("ensembles", "headline")
 def _ci(entry: dict, statistic: str) -> list[float] | None:
   return entry.get(f"{statistic}_ci95")
@@ -40,6 +42,8 @@ def write_outputs(workdir: str, summary: dict, runs: dict[str, list[dict]],
   plot_klom_cdf(runs, oracle_margins, os.path.join(workdir, "forget_klom_cdf.png"), summary)
   plot_margin_histograms(runs, oracle_margins, os.path.join(workdir, "forget_margins.png"),
                          summary)
+  plot_margin_histograms(runs, oracle_margins, os.path.join(workdir, MEGU_WORST_PLOT), summary,
+                         worst_of="megu")
   io_utils.atomic_write_json(os.path.join(workdir, "ensemble.json"), summary)
   io_utils.atomic_write_text(os.path.join(workdir, "ensemble.md"), markdown(summary))
 
@@ -67,15 +71,16 @@ def plot_klom_cdf(runs, oracle_margins, path: str, summary: dict) -> None:
   _save(fig, path)
 
 
-def plot_margin_histograms(runs, oracle_margins, path: str, summary: dict, examples: int = 4
-                           ) -> None:
-  """Oracle, original and MeGU (where run) margins of the forget examples the original is
+def plot_margin_histograms(runs, oracle_margins, path: str, summary: dict, examples: int = 4,
+                           worst_of: str = "original") -> None:
+  """Oracle, original and MeGU (where run) margins of the forget examples that ``worst_of`` is
   furthest from Retrain on (highest per-example KLoM)."""
-  if "original" not in runs or not runs["original"]:
+  if not runs.get("original") or not runs.get(worst_of):
     return
   original = np.stack([r["margins"]["forget"] for r in runs["original"]])
   oracle = oracle_margins["forget"]
-  worst = np.argsort(-ensemble_metrics.klom(original, oracle), kind="stable")[:examples]
+  judged = np.stack([r["margins"]["forget"] for r in runs[worst_of]])
+  worst = np.argsort(-ensemble_metrics.klom(judged, oracle), kind="stable")[:examples]
   shown = {"oracle (Retrain)": oracle, "original": original}
   for name in ("megu", "retrain"):
     if runs.get(name):
@@ -87,7 +92,8 @@ def plot_margin_histograms(runs, oracle_margins, path: str, summary: dict, examp
     bins = np.linspace(values.min(), values.max() + 1e-9, 21)
     for label, margins in shown.items():
       ax.hist(margins[:, example], bins=bins, alpha=0.45, label=label)
-    ax.set_title(f"forget example {example}", fontsize=9)
+    ax.set_title(f"forget example {example}" + (f" ({worst_of}'s worst)"
+                                                 if worst_of != "original" else ""), fontsize=9)
     ax.set_xlabel("margin")
   axes[0][0].legend(fontsize=7)
   fig.suptitle(_title(summary), fontsize=10)
@@ -173,6 +179,11 @@ def literature_table(summary: dict) -> str:
 # --- the committed headline runs ------------------------------------------------------------------
 def headline_runs(results_dir: str, directory: str = HEADLINE_DIR) -> list[dict]:
   """Every ``ensemble.json`` one level under ``results_dir/directory``, in name order."""
+  return [summary for _, summary in committed_runs(results_dir, directory)]
+
+
+def committed_runs(results_dir: str, directory: str) -> list[tuple[str, dict]]:
+  """``(folder, ensemble.json content)`` one level under ``results_dir/directory``."""
   root = os.path.join(results_dir, directory)
   if not os.path.isdir(root):
     return []
@@ -181,8 +192,17 @@ def headline_runs(results_dir: str, directory: str = HEADLINE_DIR) -> list[dict]
     path = os.path.join(root, name, "ensemble.json")
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
-        found.append(json.load(f))
+        found.append((name, json.load(f)))
   return found
+
+
+def where_they_went(fractions: list[float] | None, class_names: list[str], top: int = 3) -> str:
+  """The classes a model predicts most for the forgotten images: ``Pullover 61 %, Coat 30 %``."""
+  if not fractions:
+    return "–"
+  order = np.argsort(-np.asarray(fractions), kind="stable")[:top]
+  return ", ".join(f"{class_names[i]} {100 * fractions[i]:.0f} %" for i in order
+                   if fractions[i] >= 0.005)
 
 
 def scenario_label(summary: dict) -> str:
@@ -281,7 +301,8 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
   where it lies within the floor. ``development``: the row labels the defaults were chosen on;
   ``expected``: every row label of the table, so that the rows still to run are named."""
   from megu_jax.harness import targets  # noqa: PLC0415
-  rows = headline_runs(results_dir, ALL_CLASS_DIR)
+  folders = committed_runs(results_dir, ALL_CLASS_DIR)
+  rows = [summary for _, summary in folders]
   lines = ["## MeGU on every class", ""]
   if not rows:
     return "\n".join(lines + ["_Not run yet: the all-class rows are run with MeGU's defaults "
@@ -295,7 +316,8 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
             "| row | N | MeGU | closest baseline on forget | floor | lowest | MeGU within the "
             "floor on |", "|---|---|---|---|---|---|---|"]
   counts: dict[str, list[int]] = {}
-  for summary in sorted(rows, key=lambda s: (s["scenario"], row_label(s))):
+  lost = []  # (folder, summary, closest baseline) of the rows where MeGU is not the lowest
+  for folder, summary in sorted(folders, key=lambda f: (f[1]["scenario"], row_label(f[1]))):
     megu = summary["methods"].get("megu")
     if megu is None:
       continue
@@ -310,6 +332,8 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
     met = [split for split, r in megu_rows.items() if r["within_floor"]]
     won = verdict["lowest_forget"] and verdict["keeps_retain_val"]
     counts.setdefault(summary["scenario"], []).append(int(won))
+    if not won:
+      lost.append((folder, summary, closest))
     label = row_label(summary)
     label += " (dev)" if label in development else ""
     lines.append(f"| {label} | {megu['ensemble_size']} | {cell(megu_rows)} | {closest}: "
@@ -318,6 +342,22 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
   lines += ["", "MeGU lowest on forget without higher retain/val: " + "; ".join(
       f"{sum(v)} of {len(v)} {scenario} rows" for scenario, v in sorted(counts.items())) + ".",
       ""]
+  if lost:
+    lines += ["Where MeGU is not the lowest: the classes the models predict for the forgotten "
+              "images (mean over each ensemble) and the margins of the forget examples MeGU "
+              "is furthest from Retrain on.", "",
+              "| row | Retrain sends them to | MeGU | closest baseline | MeGU's worst examples |",
+              "|---|---|---|---|---|"]
+    for folder, summary, closest in lost:
+      names = summary.get("class_names") or []
+      went = lambda entry: where_they_went((entry or {}).get("forget_predicted"), names)
+      plot = os.path.join(results_dir, ALL_CLASS_DIR, folder, MEGU_WORST_PLOT)
+      link = (f"[histograms](../results/ensembles/all_class/{folder}/{MEGU_WORST_PLOT})"
+              if os.path.exists(plot) else "–")
+      lines.append(f"| {row_label(summary)} | {went(summary.get('oracles'))} | "
+                   f"{went(summary['methods']['megu'])} | {closest}: "
+                   f"{went(summary['methods'].get(closest))} | {link} |")
+    lines.append("")
   missing = [label for label in expected if label not in {row_label(s) for s in rows}]
   if missing:
     lines += [f"{len(expected) - len(missing)} of {len(expected)} rows run; still to run: "
