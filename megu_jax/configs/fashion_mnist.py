@@ -104,13 +104,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The unlearning job (experiments.unlearn / make demo).
   config.methods = "original,retrain,megu"  # comma-separated registered names, or "all"
   config.megu = megu.default_megu_config()
-  # T: config.megu.transition (an offline oracle, or a .npy file, e.g. built with Gemini).
-  # On the small CNN only the feature layer and head are finetuned (the conv blocks keep θ₀):
-  # that forgot every class within MeGU's 50 steps where full finetuning needed a clip that
-  # left the most distinctive classes remembered (docs/tuning.md).
+  # MeGU's defaults, frozen for the all-class table (the test_benchmark frozen-defaults test
+  # holds them to what it recorded). Each was chosen on the development rows; the tables are
+  # in docs/results.md (new yardstick) and docs/tuning.md (retired protocol).
+  # T: an offline oracle or a Gemini .npy; uniform and hierarchy T measured no better on every
+  # split (components table).
+  config.megu.transition = "prototype"
+  # Sampled, model-guided labels: argmax or T-only labels were further on some split.
+  config.megu.label_mode = "sample"
+  config.megu.label_guidance = "transition_x_model"
+  config.megu.guidance_temperature = 1.0    # closest to Retrain's confidence over three seeds
+  # Both noises: without them retain and val moved several times further (components table).
+  config.megu.noise = "both"
+  # Only the feature layer and head are finetuned (the conv blocks keep θ₀): that forgot every
+  # class within MeGU's 50 steps where full finetuning needed a clip that left the most
+  # distinctive classes remembered (docs/tuning.md).
   config.megu.freeze_through = "block3"
   config.megu.max_grad_norm = 0.0           # the head-only gradient needs no clip
-  config.megu.guidance_temperature = 1.0    # closest to Retrain's confidence over three seeds
+  # 50 steps at 0.04: closest on Shirt's forget split; smaller steps suit Trouser only (step-size
+  # table).
+  config.megu.steps = 50
+  config.megu.learning_rate = 0.04
+  # No stopping rule: the unseen-image and retained-head rules each helped one full-class row
+  # and hurt the other (stopping-rule tables).
+  config.megu.calibration = "none"
+  # Random forgetting keeps the library's random_scenario (a tenth of the forget weight, lr 0.01,
+  # no noise): no variant moved random 100 off doing nothing (random-rules table).
   # The baselines' settings (docs/method.md §3), each overridable: --config.ssd.alpha=5 ...
   config.finetune = finetune.default_finetune_config()
   config.neggrad_plus = neggrad_plus.default_neggrad_plus_config()
