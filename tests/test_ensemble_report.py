@@ -131,7 +131,7 @@ def test_the_all_class_table_marks_development_rows_and_counts_where_megu_is_low
            if line.startswith("| ") and "---" not in line}
   assert lines["full_class Shirt (dev)"].startswith(
       "| full_class Shirt (dev) | 4 | 3.00 / **0.35** / **0.30** | neggrad_plus: 1.50 / "
-      "**0.65** / **0.50** | 0.30 / 0.30 / 0.30 | no | retain, val, F |")
+      "**0.65** / **0.50** | 80.00 / 0.60 / 0.90 | 0.30 / 0.30 / 0.30 | no | retain, val, F |")
   # Trouser: MeGU's forget 1.0 below NegGrad+'s 1.5, retain 0.35 and val 0.30 at or below the best
   # baseline's upper bounds (0.75 and 0.60).
   assert "| yes |" in lines["full_class Trouser"]

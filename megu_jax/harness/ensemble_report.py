@@ -296,7 +296,7 @@ def row_label(summary: dict) -> str:
 def all_class_section(results_dir: str, development: tuple[str, ...] = (),
                       expected: tuple[str, ...] = ()) -> str:
   """The all-class table: per row under ``results/ensembles/all_class/``, MeGU, the baseline
-  closest to Retrain on forget and the floor, on the headline statistic of the row's N (chosen
+  closest to Retrain on forget, doing nothing and the floor, on the headline statistic of the row's N (chosen
   on the headline runs); whether MeGU's forget is the lowest without higher retain/val, and
   where it lies within the floor. ``development``: the row labels the defaults were chosen on;
   ``expected``: every row label of the table, so that the rows still to run are named."""
@@ -313,8 +313,8 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
             "row's N; **bold**: within the floor's 95 % interval. *Lowest* is yes when MeGU's "
             "forget is below every baseline's and its retain and val at or below the best "
             "baseline's upper 95 % bound.", "",
-            "| row | N | MeGU | closest baseline on forget | floor | lowest | MeGU within the "
-            "floor on |", "|---|---|---|---|---|---|---|"]
+            "| row | N | MeGU | closest baseline on forget | doing nothing | floor | lowest | "
+            "MeGU within the floor on |", "|---|---|---|---|---|---|---|---|"]
   counts: dict[str, list[int]] = {}
   lost = []  # (folder, summary, closest baseline) of the rows where MeGU is not the lowest
   for folder, summary in sorted(folders, key=lambda f: (f[1]["scenario"], row_label(f[1]))):
@@ -336,8 +336,11 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
       lost.append((folder, summary, closest))
     label = row_label(summary)
     label += " (dev)" if label in development else ""
+    nothing = (cell(targets.against_floor(summary, "original", family, statistic))
+               if "original" in summary["methods"] else "–")
     lines.append(f"| {label} | {megu['ensemble_size']} | {cell(megu_rows)} | {closest}: "
-                 f"{cell(targets.against_floor(summary, closest, family, statistic))} | {' / '.join(_fmt(floor[s][statistic]) for s in SPLITS)} | "
+                 f"{cell(targets.against_floor(summary, closest, family, statistic))} | "
+                 f"{nothing} | {' / '.join(_fmt(floor[s][statistic]) for s in SPLITS)} | "
                  f"{'yes' if won else 'no'} | {', '.join(met) or 'none'} |")
   lines += ["", "MeGU lowest on forget without higher retain/val: " + "; ".join(
       f"{sum(v)} of {len(v)} {scenario} rows" for scenario, v in sorted(counts.items())) + ".",
