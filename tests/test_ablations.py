@@ -11,9 +11,10 @@ from megu_jax.harness import benchmark
 
 
 def test_variants_are_scored_per_row_against_retrain(tmp_path):
-  chosen = {ablations.DEFAULTS: {}, "noise: none": {"noise": "none"},
-            "labels: argmax": {"label_mode": "argmax"}}
   config = digits_config.get_config("quick")
+  chosen = {ablations.DEFAULTS: {}, "noise: none": {"noise": "none"},
+            "labels: argmax": {"label_mode": "argmax"},
+            "T: the default's": {"transition": config.megu.transition}}
   config.ensemble_size = ensemble_metrics.MIN_MODELS_FORGETTING
   config.ensemble_retain_examples, config.ensemble_val_examples = 100, 100
   config.benchmark_scenarios = "full_class:3;random:20@1"
@@ -22,8 +23,11 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
   assert list((tmp_path / "shared").glob("original_*")) and not (tmp_path / "models").exists()
   assert set(summary["rows"]) == {benchmark.cell_name("full_class", "3", 0),
                                   benchmark.cell_name("random", "20@1", 0)}
+  # A variant that restates the defaults is listed, not run again under another name.
+  assert summary["same_as_defaults"] == ["T: the default's"]
   for row in summary["rows"].values():
-    assert set(row["methods"]) == {"original", "retrain", *chosen}
+    assert set(row["methods"]) == {"original", "retrain", ablations.DEFAULTS, "noise: none",
+                                   "labels: argmax"}
     for entry in row["methods"].values():
       assert entry["ensemble_size"] == config.ensemble_size
       assert {"forget", "retain", "val"} <= set(entry["gaussian_kl"])
@@ -31,6 +35,7 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
   assert stored["rows"]["full_class_3_seed0"]["methods"]["noise: none"]["forgetting_quality"]
   table = (tmp_path / "ablations.md").read_text()
   assert "| noise: none |" in table and "| retrain |" in table and "| original |" in table
+  assert "whose settings they already are: T: the default's." in table
   # A variant's runs are its own: the defaults' runs were not overwritten by the variants'.
   assert (tmp_path / "rows" / "full_class_3_seed0" / "runs" / "megu-noise_none").is_dir()
   assert (tmp_path / "rows" / "full_class_3_seed0" / "runs" / "megu").is_dir()

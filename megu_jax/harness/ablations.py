@@ -90,6 +90,12 @@ def run(config, workdir: str, table: dict[str, dict],
     unknown = sorted(set(overrides) - known)
     if unknown:
       raise ValueError(f"variant {name!r} changes unknown config.megu field(s) {unknown}")
+  # A variant that only restates the config's settings would rerun the defaults under another
+  # name (and read as a difference where there is none): it is listed, not run.
+  same = [name for name, overrides in table.items()
+          if overrides and all(_setting(config.megu, field) == value
+                               for field, value in overrides.items())]
+  table = {name: overrides for name, overrides in table.items() if name not in same}
   rows = benchmark.parse_scenarios(config.benchmark_scenarios)
   cells = {row: benchmark.cell_config(config, *row, seed=config.seed) for row in rows}
   for cell in cells.values():
@@ -114,10 +120,19 @@ def run(config, workdir: str, table: dict[str, dict],
     results[benchmark.cell_name(*row, seed=config.seed)] = {
         "scenario": row[0], "forget": row[1], "ensemble_size": size, "methods": entries}
   summary = {"dataset": config.dataset, "ensemble_size": size, "variants": table,
-             "rows": results, "provenance": provenance.record()}
+             "same_as_defaults": same, "rows": results, "provenance": provenance.record()}
   io_utils.atomic_write_json(os.path.join(workdir, "ablations.json"), summary)
   io_utils.atomic_write_text(os.path.join(workdir, "ablations.md"), markdown(summary))
   return summary
+
+
+def _setting(section, field: str):
+  """``section``'s value of a (dotted) field; None where it has none."""
+  for part in field.split("."):
+    if part not in section:
+      return None
+    section = section[part]
+  return section
 
 
 def _entry(runs, ens, floor_runs, oracle) -> dict:
@@ -150,6 +165,9 @@ def markdown(summary: dict) -> str:
     lines += ["", "Floor's 95 % interval: " + ", ".join(
         f"{s} {floor[s][f'{statistic}_ci95'][0]:.3f}–{floor[s][f'{statistic}_ci95'][1]:.3f}"
         for s in ("forget", "retain", "val")) + ".", ""]
+  if summary.get("same_as_defaults"):
+    lines += ["Not run apart from the defaults, whose settings they already are: "
+              + ", ".join(summary["same_as_defaults"]) + ".", ""]
   lines.append(f"<sub>{provenance.describe(summary.get('provenance'))}</sub>")
   return "\n".join(lines) + "\n"
 
