@@ -82,3 +82,24 @@ def test_the_all_class_config_names_every_row_and_contains_the_development_rows(
     unlearning.get_method(name)  # every method is registered
   with pytest.raises(ValueError, match="unknown variant 'all_class'"):
     fashion_mnist.get_config("all_class")
+
+
+def test_the_all_class_table_was_run_with_the_frozen_defaults():
+  """Every committed all-class row ran with the MeGU settings (and methods) the config has now:
+  a default changed after the table fails here until the table is rerun."""
+  import glob  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from megu_jax.configs import fashion_mnist  # pylint: disable=import-outside-toplevel
+  config = fashion_mnist.get_config("all_classes")
+  results = os.path.join(os.path.dirname(os.path.dirname(__file__)), "results", "ensembles",
+                         "all_class")
+  paths = sorted(glob.glob(os.path.join(results, "*", "ensemble.json")))
+  assert paths, f"no all-class rows under {results}"
+  frozen = json.loads(json.dumps(config.megu.to_dict()))
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      recorded = json.load(f)
+    assert recorded["settings"]["megu"] == frozen, path
+    assert set(recorded["methods"]) == set(config.methods.split(",")), path
+    assert recorded["ensemble_size"] == config.ensemble_size, path
