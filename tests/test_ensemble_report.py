@@ -150,3 +150,19 @@ def test_the_all_class_table_marks_development_rows_and_counts_where_megu_is_low
   assert ("3 of 4 rows run; still to run: sub_class Coat." in
           ensemble_report.all_class_section(str(tmp_path), expected=expected))
   assert "Not run yet" in ensemble_report.all_class_section(str(tmp_path / "none"))
+
+
+def test_the_all_class_table_carries_its_reading_and_where_its_rows_came_from(tmp_path):
+  root = tmp_path / ensemble_report.ALL_CLASS_DIR
+  for name, date in (("full_class_Shirt", "2026-01-01"), ("full_class_Trouser", "2026-01-02")):
+    row = {**summary(), "forget": [name.split("_")[-1]],
+           "provenance": {"command": "python -m experiments.benchmark", "commit": "a" * 40,
+                          "dirty": False, "date": date}}
+    (root / name).mkdir(parents=True)
+    (root / name / "ensemble.json").write_text(json.dumps(row))
+  text = ensemble_report.all_class_section(str(tmp_path))
+  assert "**Reading.**" not in text
+  assert "<sub>2 rows: `python -m experiments.benchmark` — commit aaaaaaaaaaaa, 2026-01-02" in text
+  (root / "reading.md").write_text("MeGU is lowest on Trouser.\n")
+  assert "**Reading.** MeGU is lowest on Trouser." in ensemble_report.all_class_section(
+      str(tmp_path))

@@ -275,16 +275,22 @@ def headline_section(results_dir: str) -> str:
             "Where each method lies within what a second Retrain ensemble of its size scores "
             "(forget, retain, val: at or below the floor's upper bound; F: at or above its lower "
             "bound):", "", floor_tables(runs), ""]
-  reading = os.path.join(results_dir, HEADLINE_DIR, "reading.md")  # prose, written by hand
-  if os.path.exists(reading):
-    with open(reading, encoding="utf-8") as f:
-      lines += ["**Reading.** " + f.read().strip(), ""]
+  lines += _reading(results_dir, HEADLINE_DIR)
   lines += ["What each scenario's recorded run cost (one after another in one command; the "
             "machine is in each scenario's provenance line):", "", cost_table(runs), ""]
   for summary in runs:
     lines += [f"### {_title(summary)}", "", klom_table(summary), "", literature_table(summary),
               "", f"<sub>{provenance.describe(summary.get('provenance'))}</sub>", ""]
   return "\n".join(lines)
+
+
+def _reading(results_dir: str, directory: str) -> list[str]:
+  """The hand-written reading.md beside a table's result files, as a paragraph (or nothing)."""
+  path = os.path.join(results_dir, directory, "reading.md")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return ["**Reading.** " + f.read().strip(), ""]
 
 
 def row_label(summary: dict) -> str:
@@ -365,6 +371,17 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
   if missing:
     lines += [f"{len(expected) - len(missing)} of {len(expected)} rows run; still to run: "
               + ", ".join(missing) + ".", ""]
+  lines += _reading(results_dir, ALL_CLASS_DIR)
+  # One line per command and commit the rows came from (the latest row's date and machine).
+  runs_by_source: dict[tuple, list[dict]] = {}
+  for summary in rows:
+    record = summary.get("provenance") or {}
+    runs_by_source.setdefault((record.get("command"), record.get("commit"), record.get("dirty")),
+                              []).append(record)
+  for records in runs_by_source.values():
+    latest = max(records, key=lambda record: str(record.get("date", "")))
+    lines += [f"<sub>{len(records)} row{'s' if len(records) > 1 else ''}: "
+              f"{provenance.describe(latest or None)}</sub>", ""]
   return "\n".join(lines)
 
 
