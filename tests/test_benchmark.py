@@ -1,4 +1,7 @@
 """The benchmark runner: resume after a kill without redoing finished cells; mean/std aggregation."""
+import glob
+import json
+import os
 
 import pytest
 
@@ -87,9 +90,6 @@ def test_the_all_class_config_names_every_row_and_contains_the_development_rows(
 def test_the_all_class_table_was_run_with_the_frozen_defaults():
   """Every committed all-class row ran with the MeGU settings (and methods) the config has now:
   a default changed after the table fails here until the table is rerun."""
-  import glob  # pylint: disable=import-outside-toplevel
-  import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
   from megu_jax.configs import fashion_mnist  # pylint: disable=import-outside-toplevel
   config = fashion_mnist.get_config("all_classes")
   results = os.path.join(os.path.dirname(os.path.dirname(__file__)), "results", "ensembles",

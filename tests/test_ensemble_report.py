@@ -162,7 +162,8 @@ def test_the_all_class_table_carries_its_reading_and_where_its_rows_came_from(tm
     (root / name / "ensemble.json").write_text(json.dumps(row))
   text = ensemble_report.all_class_section(str(tmp_path))
   assert "**Reading.**" not in text
-  assert "<sub>2 rows: `python -m experiments.benchmark` — commit aaaaaaaaaaaa, 2026-01-02" in text
+  assert ("<sub>2 rows: `python -m experiments.benchmark` — commit aaaaaaaaaaaa, 2026-01-02"
+          in text)
   (root / "reading.md").write_text("MeGU is lowest on Trouser.\n")
   assert "**Reading.** MeGU is lowest on Trouser." in ensemble_report.all_class_section(
       str(tmp_path))

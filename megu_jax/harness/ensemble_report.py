@@ -302,8 +302,8 @@ def row_label(summary: dict) -> str:
 def all_class_section(results_dir: str, development: tuple[str, ...] = (),
                       expected: tuple[str, ...] = ()) -> str:
   """The all-class table: per row under ``results/ensembles/all_class/``, MeGU, the baseline
-  closest to Retrain on forget, doing nothing and the floor, on the headline statistic of the row's N (chosen
-  on the headline runs); whether MeGU's forget is the lowest without higher retain/val, and
+  closest to Retrain on forget, doing nothing and the floor, on the headline statistic of the
+  row's N (chosen on the headline runs); whether MeGU's forget is the lowest without higher retain/val, and
   where it lies within the floor. ``development``: the row labels the defaults were chosen on;
   ``expected``: every row label of the table, so that the rows still to run are named."""
   from megu_jax.harness import targets  # noqa: PLC0415
