@@ -139,6 +139,33 @@ def test_a_rerun_trains_nothing_and_a_larger_ensemble_only_the_new_seeds(finishe
   assert bigger["methods"]["finetune"]["ensemble_size"] == N
 
 
+def test_an_edit_to_a_methods_code_reruns_that_method_only(finished, tmp_path, monkeypatch):
+  workdir, summary = finished
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  calls = {"finetune": 0, "megu": 0}
+  for name in calls:
+    method = unlearning.get_method(name)
+
+    def counted(*args, _name=name, _method=method, **kwargs):
+      calls[_name] += 1
+      return _method(*args, **kwargs)
+    monkeypatch.setitem(unlearning.UNLEARNING_METHODS, name, counted)
+  real_digest = ensemble.method_source_digest
+  monkeypatch.setattr(ensemble, "method_source_digest",
+                      lambda name: "edited" if name == "finetune" else real_digest(name))
+  again = ensemble.run_ensemble(ensemble_config(), str(copy))
+  assert calls == {"finetune": N, "megu": 0}
+  assert again["methods"]["megu"]["klom"] == summary["methods"]["megu"]["klom"]
+
+
+def test_the_code_digest_tells_methods_apart_and_skips_the_evaluation_roles():
+  digests = {name: ensemble.method_source_digest(name) for name in ("megu", "finetune", "ssd")}
+  assert all(isinstance(d, str) and len(d) == 16 for d in digests.values())
+  assert len(set(digests.values())) == 3
+  assert ensemble.method_source_digest("floor") is None
+
+
 def test_a_model_directory_holding_another_model_is_moved_aside_and_retrained(finished, tmp_path,
                                                                              caplog):
   workdir, _ = finished

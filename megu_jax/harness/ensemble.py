@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -268,12 +270,46 @@ def predicted_fractions(logits: np.ndarray) -> list[float]:
 
 
 # --- running the methods, one result per original, kept on disk -----------------------------------
+@functools.lru_cache(maxsize=None)
+def method_source_digest(name: str) -> str | None:
+  """A digest of the code of registered method ``name``: its module (every module of its
+  package, for a method that is a package) and the shared :mod:`megu_jax.unlearning.base`.
+  None for a name that is not a method (the oracle and floor roles only evaluate models)."""
+  if name not in unlearning.UNLEARNING_METHODS:
+    return None
+  module_file = os.path.abspath(sys.modules[unlearning.get_method(name).__module__].__file__)
+  directory = os.path.dirname(module_file)
+  own = ([os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".py")]
+         if directory != os.path.dirname(os.path.abspath(unlearning.__file__)) else [module_file])
+  digest = hashlib.sha256()
+  for path in own + [os.path.abspath(sys.modules[unlearning.base.__name__].__file__)]:
+    with open(path, "rb") as f:
+      digest.update(os.path.basename(path).encode() + b"\0" + f.read())
+  return digest.hexdigest()[:16]
+
+
+def _file_digest(source: str) -> str:
+  """The sha256 of the file at ``source``; ``source`` itself where it names no file."""
+  if not os.path.isfile(source):
+    return source
+  with open(source, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
 def _run_key(config, name: str, member_dir: str, split: splits.ForgetSplit) -> str:
-  """What determines one method run: its settings, the original it starts from, the split."""
+  """What determines one method run: its settings and code, the original it starts from, the
+  split. An edit to the method's code changes the key, so a cached run is not reused."""
   section = config.get(name)
   settings = section.to_dict() if hasattr(section, "to_dict") else section
+  transition = None
+  if name == "megu":
+    # T as its content, not its path: the path lies in the workdir, and a moved or copied
+    # workdir holds the same T.
+    transition = _file_digest(str(config.megu.transition))
+    settings = dict(settings, transition=transition)
   text = json.dumps({"method": name, "settings": settings, "model": os.path.basename(member_dir),
-                     "megu_transition": str(config.megu.transition) if name == "megu" else None,
+                     "code": method_source_digest(name),
+                     "megu_transition": transition,
                      "forget_train": hashlib.sha256(np.asarray(split.forget_train).tobytes()
                                                     ).hexdigest()},
                     sort_keys=True, default=str)
