@@ -73,6 +73,13 @@ def test_ensemble_json_holds_every_field_the_issue_names(finished):
   assert on_disk["oracles"]["forget_predicted"][three] == 0.0
   for entry in [*on_disk["methods"].values(), on_disk["oracles"]]:
     assert sum(entry["forget_predicted"]) == pytest.approx(1.0)
+  # The retain divergences by class: every retained digit, none of the forgotten 3s.
+  for entry in (on_disk["methods"]["megu"], on_disk["methods"]["megu"]["floor"]):
+    for family in ("klom", "gaussian_kl"):
+      by_class = entry["retain_by_class"][family]
+      assert "3" not in by_class and len(by_class) == 9
+      assert all(row["p95_ci95"][0] <= row["p95"] <= row["p95_ci95"][1]
+                 for row in by_class.values())
   for plot in ("forget_klom_cdf.png", "forget_margins.png", "forget_margins_megu.png",
                "ensemble.md"):
     assert (workdir / plot).stat().st_size > 0
@@ -159,11 +166,34 @@ def test_an_edit_to_a_methods_code_reruns_that_method_only(finished, tmp_path, m
   assert again["methods"]["megu"]["klom"] == summary["methods"]["megu"]["klom"]
 
 
+def test_the_retain_divergence_by_class_is_highest_where_the_margins_were_moved():
+  rng = np.random.default_rng(0)
+  models = 64  # enough for the binned KLoM to be near 0 where the distributions agree
+  oracle = rng.normal(3.0, 0.5, (models, 40))
+  method = rng.normal(3.0, 0.5, (models, 40))
+  labels = np.repeat([0, 2], 20)
+  method[:, labels == 2] -= 3.0  # class 2's retained images are disturbed, class 0's are not
+  by_class = ensemble.retain_by_class(method, oracle, labels, ["a", "b", "c"])
+  for family in ("klom", "gaussian_kl"):
+    assert set(by_class[family]) == {"a", "c"}
+    assert by_class[family]["c"]["p95"] > 5 * by_class[family]["a"]["p95"]
+
+
 def test_the_code_digest_tells_methods_apart_and_skips_the_evaluation_roles():
   digests = {name: ensemble.method_source_digest(name) for name in ("megu", "finetune", "ssd")}
   assert all(isinstance(d, str) and len(d) == 16 for d in digests.values())
   assert len(set(digests.values())) == 3
   assert ensemble.method_source_digest("floor") is None
+
+
+def test_the_code_digest_reads_the_registering_module_even_under_a_wrapper(monkeypatch):
+  real = ensemble.method_source_digest("ssd")
+  ensemble._module_source_digest.cache_clear()  # the wrapper comes before the first digest
+  method = unlearning.get_method("ssd")
+  monkeypatch.setitem(unlearning.UNLEARNING_METHODS, "ssd",
+                      lambda *args, **kwargs: method(*args, **kwargs))
+  assert ensemble.method_source_digest("ssd") == real
+  assert unlearning.registered_module("ssd") == "megu_jax.unlearning.ssd"
 
 
 def test_a_model_directory_holding_another_model_is_moved_aside_and_retrained(finished, tmp_path,

@@ -121,6 +121,13 @@ def test_the_all_class_table_marks_development_rows_and_counts_where_megu_is_low
   shirt["class_names"] = ["T-shirt", "Coat", "Shirt"]
   shirt["oracles"] = {"forget_predicted": [0.7, 0.3, 0.0]}
   shirt["methods"]["megu"] = {**shirt["methods"]["megu"], "forget_predicted": [0.2, 0.8, 0.0]}
+  # Where MeGU disturbs the retained images most: T-shirts, then coats (whichever statistic).
+  by_class = lambda t_shirt, coat: {family: {"T-shirt": {"p95": t_shirt, "mean": t_shirt},
+                                             "Coat": {"p95": coat, "mean": coat}}
+                                    for family in ("klom", "gaussian_kl")}
+  shirt["methods"]["megu"]["retain_by_class"] = by_class(0.9, 0.4)
+  shirt["methods"]["megu"]["floor"] = {**shirt["methods"]["megu"]["floor"],
+                                       "retain_by_class": by_class(0.2, 0.3)}
   for name, row in (("full_class_Shirt", shirt), ("full_class_Trouser", trouser),
                     ("random_100_1", draw)):
     (root / name).mkdir(parents=True)
@@ -144,8 +151,8 @@ def test_the_all_class_table_marks_development_rows_and_counts_where_megu_is_low
   assert why["full_class Shirt"] == (
       "| full_class Shirt | T-shirt 70 %, Coat 30 % | Coat 80 %, T-shirt 20 % | neggrad_plus: – | "
       f"[histograms](../results/ensembles/all_class/full_class_Shirt/"
-      f"{ensemble_report.MEGU_WORST_PLOT}) |")
-  assert why["random 100 @1"].endswith("| – | – | neggrad_plus: – | – |")
+      f"{ensemble_report.MEGU_WORST_PLOT}) | T-shirt 0.90 (0.20), Coat 0.40 (0.30) |")
+  assert why["random 100 @1"].endswith("| – | – | neggrad_plus: – | – | – |")
   expected = ("full_class Shirt", "full_class Trouser", "random 100 @1", "sub_class Coat")
   assert ("3 of 4 rows run; still to run: sub_class Coat." in
           ensemble_report.all_class_section(str(tmp_path), expected=expected))

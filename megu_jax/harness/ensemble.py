@@ -270,14 +270,19 @@ def predicted_fractions(logits: np.ndarray) -> list[float]:
 
 
 # --- running the methods, one result per original, kept on disk -----------------------------------
-@functools.lru_cache(maxsize=None)
 def method_source_digest(name: str) -> str | None:
-  """A digest of the code of registered method ``name``: its module (every module of its
-  package, for a method that is a package) and the shared :mod:`megu_jax.unlearning.base`.
-  None for a name that is not a method (the oracle and floor roles only evaluate models)."""
+  """A digest of the code of registered method ``name``: the module that registered it (every
+  module of its package, for a method that is a package) and the shared
+  :mod:`megu_jax.unlearning.base`. None for a name that is not a method (the oracle and floor
+  roles only evaluate models)."""
   if name not in unlearning.UNLEARNING_METHODS:
     return None
-  module_file = os.path.abspath(sys.modules[unlearning.get_method(name).__module__].__file__)
+  return _module_source_digest(unlearning.registered_module(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _module_source_digest(module_name: str) -> str:
+  module_file = os.path.abspath(sys.modules[module_name].__file__)
   directory = os.path.dirname(module_file)
   own = ([os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".py")]
          if directory != os.path.dirname(os.path.abspath(unlearning.__file__)) else [module_file])
@@ -373,6 +378,19 @@ def compare(method: dict[str, np.ndarray], oracle: dict[str, np.ndarray], *, see
   out["forgetting_quality"] = {"F": float(quality["F"]), "F_ci95": [float(low), float(high)]}
   out["per_example"] = {"klom_forget": ensemble_metrics.klom(method["forget"], oracle["forget"])}
   return out
+
+
+def retain_by_class(method_retain: np.ndarray, oracle_retain: np.ndarray, labels: np.ndarray,
+                    class_names, *, seed: int = 0) -> dict[str, dict[str, dict]]:
+  """The retain split's per-example divergences summarised within each class:
+  ``{"klom" | "gaussian_kl": {class name: summarize(...)}}``. Shows where a method's
+  over-unlearning lands, e.g. on the classes the forgotten images were sent to."""
+  labels = np.asarray(labels)
+  per_example = {"klom": ensemble_metrics.klom(method_retain, oracle_retain),
+                 "gaussian_kl": ensemble_metrics.gaussian_kl(method_retain, oracle_retain)}
+  return {family: {str(class_names[c]): ensemble_metrics.summarize(values[labels == c], seed=seed)
+                   for c in np.unique(labels)}
+          for family, values in per_example.items()}
 
 
 def stack(runs: list[dict]) -> dict[str, np.ndarray]:
@@ -559,6 +577,13 @@ def summarize_all(config, dataset, split, methods, runs, oracle_runs, oracle_mar
       continue  # every run of it failed: the failures say why
     entry = summarize_method(runs[name], oracle_runs, floor_runs, oracle_margins, seed=seed)
     entry.pop("per_example", None)
+    labels, n = dataset.train_labels[rows["retain"]], entry["ensemble_size"]
+    entry["retain_by_class"] = retain_by_class(stack(runs[name])["retain"],
+                                               oracle_margins["retain"], labels,
+                                               dataset.class_names, seed=seed)
+    entry["floor"]["retain_by_class"] = retain_by_class(stack(floor_runs[:n])["retain"],
+                                                        oracle_margins["retain"], labels,
+                                                        dataset.class_names, seed=seed)
     summary["methods"][name] = entry
   if all("forget_predicted" in r["metrics"] for r in oracle_runs):
     # Where Retrain sends the forgotten images, beside where each method does.

@@ -293,6 +293,19 @@ def _reading(results_dir: str, directory: str) -> list[str]:
     return ["**Reading.** " + f.read().strip(), ""]
 
 
+def most_disturbed(entry: dict, family: str, statistic: str, top: int = 2) -> str:
+  """The ``top`` retained classes on which a method's retain divergence is highest, with the
+  floor's value on each in brackets; "–" for a summary recorded before it was kept."""
+  by_class = (entry.get("retain_by_class") or {}).get(family)
+  floor = ((entry.get("floor") or {}).get("retain_by_class") or {}).get(family) or {}
+  if not by_class:
+    return "–"
+  worst = sorted(by_class, key=lambda name: -by_class[name][statistic])[:top]
+  return ", ".join(f"{name} {_fmt(by_class[name][statistic])}"
+                   + (f" ({_fmt(floor[name][statistic])})" if name in floor else "")
+                   for name in worst)
+
+
 def row_label(summary: dict) -> str:
   """:func:`scenario_label`, with the forget draw of a random row (``random 100 @1``)."""
   label = scenario_label(summary)
@@ -339,7 +352,7 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
     won = verdict["lowest_forget"] and verdict["keeps_retain_val"]
     counts.setdefault(summary["scenario"], []).append(int(won))
     if not won:
-      lost.append((folder, summary, closest))
+      lost.append((folder, summary, closest, family, statistic))
     label = row_label(summary)
     label += " (dev)" if label in development else ""
     nothing = (cell(targets.against_floor(summary, "original", family, statistic))
@@ -352,12 +365,17 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
       f"{sum(v)} of {len(v)} {scenario} rows" for scenario, v in sorted(counts.items())) + ".",
       ""]
   if lost:
+    # Rows summarised before the retain divergence by class was kept have none to show.
+    by_class = any("retain_by_class" in s["methods"]["megu"] for _, s, *_ in lost)
     lines += ["Where MeGU is not the lowest: the classes the models predict for the forgotten "
-              "images (mean over each ensemble) and the margins of the forget examples MeGU "
-              "is furthest from Retrain on.", "",
-              "| row | Retrain sends them to | MeGU | closest baseline | MeGU's worst examples |",
-              "|---|---|---|---|---|"]
-    for folder, summary, closest in lost:
+              "images (mean over each ensemble), the margins of the forget examples MeGU "
+              "is furthest from Retrain on"
+              + (", and the retained classes where MeGU's retain divergence is highest (the "
+                 "floor's on the same class in brackets)" if by_class else "") + ".", "",
+              "| row | Retrain sends them to | MeGU | closest baseline | MeGU's worst examples |"
+              + (" MeGU's retain divergence highest on |" if by_class else ""),
+              "|---|---|---|---|---|" + ("---|" if by_class else "")]
+    for folder, summary, closest, family, statistic in lost:
       names = summary.get("class_names") or []
       went = lambda entry: where_they_went((entry or {}).get("forget_predicted"), names)
       plot = os.path.join(results_dir, ALL_CLASS_DIR, folder, MEGU_WORST_PLOT)
@@ -365,7 +383,9 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
               if os.path.exists(plot) else "–")
       lines.append(f"| {row_label(summary)} | {went(summary.get('oracles'))} | "
                    f"{went(summary['methods']['megu'])} | {closest}: "
-                   f"{went(summary['methods'].get(closest))} | {link} |")
+                   f"{went(summary['methods'].get(closest))} | {link} |"
+                   + (f" {most_disturbed(summary['methods']['megu'], family, statistic)} |"
+                      if by_class else ""))
     lines.append("")
   missing = [label for label in expected if label not in {row_label(s) for s in rows}]
   if missing:

@@ -13,6 +13,9 @@ from typing import Callable
 from megu_jax.unlearning.base import UnlearnData, UnlearnFn, UnlearningInputError
 
 UNLEARNING_METHODS: dict[str, UnlearnFn] = {}
+# The module each name was registered from: the code a cached run is keyed by, even where a
+# caller later wraps the entry in UNLEARNING_METHODS (to count or time its calls).
+_REGISTERED_MODULES: dict[str, str] = {}
 
 
 class UnknownMethodError(UnlearningInputError):
@@ -28,6 +31,7 @@ def register(name: str) -> Callable[[UnlearnFn], UnlearnFn]:
     if name in UNLEARNING_METHODS and UNLEARNING_METHODS[name] is not fn:
       raise ValueError(f"an unlearning method named {name!r} is already registered")
     UNLEARNING_METHODS[name] = fn
+    _REGISTERED_MODULES[name] = fn.__module__
     return fn
   return decorator
 
@@ -38,6 +42,12 @@ def get_method(name: str) -> UnlearnFn:
     raise UnknownMethodError(
         f"unknown unlearning method {name!r}; registered methods: {sorted(UNLEARNING_METHODS)}")
   return UNLEARNING_METHODS[name]
+
+
+def registered_module(name: str) -> str:
+  """The name of the module that registered method ``name`` (UnknownMethodError if none did)."""
+  get_method(name)
+  return _REGISTERED_MODULES.get(name, UNLEARNING_METHODS[name].__module__)
 
 
 def method_names() -> tuple[str, ...]:
