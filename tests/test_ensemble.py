@@ -173,7 +173,9 @@ def test_the_retain_divergence_by_class_is_highest_where_the_margins_were_moved(
   method = rng.normal(3.0, 0.5, (models, 40))
   labels = np.repeat([0, 2], 20)
   method[:, labels == 2] -= 3.0  # class 2's retained images are disturbed, class 0's are not
-  by_class = ensemble.retain_by_class(method, oracle, labels, ["a", "b", "c"])
+  per_example = ensemble.compare({split: method for split in ensemble.SPLITS},
+                                 {split: oracle for split in ensemble.SPLITS})["per_example"]
+  by_class = ensemble.retain_by_class(per_example, labels, ["a", "b", "c"])
   for family in ("klom", "gaussian_kl"):
     assert set(by_class[family]) == {"a", "c"}
     assert by_class[family]["c"]["p95"] > 5 * by_class[family]["a"]["p95"]

@@ -366,31 +366,33 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 def compare(method: dict[str, np.ndarray], oracle: dict[str, np.ndarray], *, seed: int = 0
             ) -> dict[str, Any]:
-  """Per-example tests of ``method`` margins ``{split: [n, examples]}`` against the oracles'."""
-  out: dict[str, Any] = {"klom": {}, "gaussian_kl": {}}
+  """Per-example tests of ``method`` margins ``{split: [n, examples]}`` against the oracles'.
+
+  ``out["per_example"]["klom_<split>" | "gaussian_kl_<split>"]`` keeps the values the summaries
+  were taken of (``retain_by_class`` groups them); callers drop it before writing JSON."""
+  out: dict[str, Any] = {"klom": {}, "gaussian_kl": {}, "per_example": {}}
   for split in SPLITS:
-    klom = ensemble_metrics.klom(method[split], oracle[split])
-    gaussian = ensemble_metrics.gaussian_kl(method[split], oracle[split])
-    out["klom"][split] = ensemble_metrics.summarize(klom, seed=seed)
-    out["gaussian_kl"][split] = ensemble_metrics.summarize(gaussian, seed=seed)
+    per_example = {"klom": ensemble_metrics.klom(method[split], oracle[split]),
+                   "gaussian_kl": ensemble_metrics.gaussian_kl(method[split], oracle[split])}
+    for family, values in per_example.items():
+      out[family][split] = ensemble_metrics.summarize(values, seed=seed)
+      out["per_example"][f"{family}_{split}"] = values
   quality = ensemble_metrics.forgetting_quality(method["forget"], oracle["forget"])
   low, high = ensemble_metrics.bootstrap_ci(quality["points"], np.mean, seed=seed)
   out["forgetting_quality"] = {"F": float(quality["F"]), "F_ci95": [float(low), float(high)]}
-  out["per_example"] = {"klom_forget": ensemble_metrics.klom(method["forget"], oracle["forget"])}
   return out
 
 
-def retain_by_class(method_retain: np.ndarray, oracle_retain: np.ndarray, labels: np.ndarray,
-                    class_names, *, seed: int = 0) -> dict[str, dict[str, dict]]:
-  """The retain split's per-example divergences summarised within each class:
-  ``{"klom" | "gaussian_kl": {class name: summarize(...)}}``. Shows where a method's
-  over-unlearning lands, e.g. on the classes the forgotten images were sent to."""
+def retain_by_class(per_example: dict[str, np.ndarray], labels: np.ndarray, class_names, *,
+                    seed: int = 0) -> dict[str, dict[str, dict]]:
+  """The retain split's per-example divergences (``compare(...)["per_example"]``) summarised
+  within each class: ``{"klom" | "gaussian_kl": {class name: summarize(...)}}``. Shows where a
+  method's over-unlearning lands, e.g. on the classes the forgotten images were sent to."""
   labels = np.asarray(labels)
-  per_example = {"klom": ensemble_metrics.klom(method_retain, oracle_retain),
-                 "gaussian_kl": ensemble_metrics.gaussian_kl(method_retain, oracle_retain)}
-  return {family: {str(class_names[c]): ensemble_metrics.summarize(values[labels == c], seed=seed)
+  return {family: {str(class_names[c]): ensemble_metrics.summarize(
+                       per_example[f"{family}_retain"][labels == c], seed=seed)
                    for c in np.unique(labels)}
-          for family, values in per_example.items()}
+          for family in ("klom", "gaussian_kl")}
 
 
 def stack(runs: list[dict]) -> dict[str, np.ndarray]:
@@ -398,12 +400,20 @@ def stack(runs: list[dict]) -> dict[str, np.ndarray]:
 
 
 def summarize_method(runs: list[dict], oracle_runs: list[dict], floor_runs: list[dict],
-                     oracle_margins: dict[str, np.ndarray], *, seed: int) -> dict[str, Any]:
-  """One method's entry of ``ensemble.json``: the tests, the floor at its size, its columns."""
+                     oracle_margins: dict[str, np.ndarray], *, seed: int,
+                     retain_labels: np.ndarray | None = None, class_names=None) -> dict[str, Any]:
+  """One method's entry of ``ensemble.json``: the tests, the floor at its size, its columns, and
+  (given the retain split's labels) the retain divergence by class, the floor's beside it.
+  The entry keeps the method's ``per_example`` values: drop them before writing JSON."""
   n = len(runs)
   entry = {"ensemble_size": n, **compare(stack(runs), oracle_margins, seed=seed)}
   floor = compare(stack(floor_runs[:n]), oracle_margins, seed=seed)
   entry["floor"] = {k: v for k, v in floor.items() if k != "per_example"}
+  if retain_labels is not None:
+    entry["retain_by_class"] = retain_by_class(entry["per_example"], retain_labels, class_names,
+                                               seed=seed)
+    entry["floor"]["retain_by_class"] = retain_by_class(floor["per_example"], retain_labels,
+                                                        class_names, seed=seed)
   for name in LITERATURE_METRICS + STOPPING_RULE_METRICS:
     values = [run["metrics"][name] for run in runs if name in run["metrics"]]
     if values:
@@ -575,15 +585,10 @@ def summarize_all(config, dataset, split, methods, runs, oracle_runs, oracle_mar
   for name in methods:
     if len(runs.get(name, [])) < ensemble_metrics.MIN_MODELS_FORGETTING:
       continue  # every run of it failed: the failures say why
-    entry = summarize_method(runs[name], oracle_runs, floor_runs, oracle_margins, seed=seed)
-    entry.pop("per_example", None)
-    labels, n = dataset.train_labels[rows["retain"]], entry["ensemble_size"]
-    entry["retain_by_class"] = retain_by_class(stack(runs[name])["retain"],
-                                               oracle_margins["retain"], labels,
-                                               dataset.class_names, seed=seed)
-    entry["floor"]["retain_by_class"] = retain_by_class(stack(floor_runs[:n])["retain"],
-                                                        oracle_margins["retain"], labels,
-                                                        dataset.class_names, seed=seed)
+    entry = summarize_method(runs[name], oracle_runs, floor_runs, oracle_margins, seed=seed,
+                             retain_labels=dataset.train_labels[rows["retain"]],
+                             class_names=dataset.class_names)
+    entry.pop("per_example")
     summary["methods"][name] = entry
   if all("forget_predicted" in r["metrics"] for r in oracle_runs):
     # Where Retrain sends the forgotten images, beside where each method does.
