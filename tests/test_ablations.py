@@ -13,7 +13,6 @@ from megu_jax.harness import benchmark
 def test_variants_are_scored_per_row_against_retrain(tmp_path):
   config = digits_config.get_config("quick")
   chosen = {ablations.DEFAULTS: {}, "noise: none": {"noise": "none"},
-            "labels: argmax": {"label_mode": "argmax"},
             "T: the default's": {"transition": config.megu.transition}}
   config.ensemble_size = ensemble_metrics.MIN_MODELS_FORGETTING
   config.ensemble_retain_examples, config.ensemble_val_examples = 100, 100
@@ -26,8 +25,7 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
   # A variant that restates the defaults is listed, not run again under another name.
   assert summary["same_as_defaults"] == ["T: the default's"]
   for row in summary["rows"].values():
-    assert set(row["methods"]) == {"original", "retrain", ablations.DEFAULTS, "noise: none",
-                                   "labels: argmax"}
+    assert set(row["methods"]) == {"original", "retrain", ablations.DEFAULTS, "noise: none"}
     for entry in row["methods"].values():
       assert entry["ensemble_size"] == config.ensemble_size
       assert {"forget", "retain", "val"} <= set(entry["gaussian_kl"])
