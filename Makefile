@@ -34,7 +34,7 @@ demo: venv data
 	$(PY) -m experiments.unlearn --config=megu_jax/configs/fashion_mnist.py --workdir=runs/demo
 
 test: venv data
-	$(PY) -m pytest -q -n 2 --dist worksteal tests
+	$(PY) -m pytest -q -n 2 tests
 
 clean-venv:
 	rm -rf $(VENV)
