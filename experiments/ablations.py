@@ -6,7 +6,8 @@ r"""MeGU's ablations (or any variants of its settings) against Retrain's distrib
 
 Without ``--variants`` it runs the ablations of docs/method.md §2, step 6 (megu_jax/harness/
 ablations.py); ``--variants="tau 0.7:guidance_temperature=0.7;no align:align_weight=0"`` runs
-those instead (beside the defaults). ``--gemini=PATH`` adds a Gemini T. Writes ablations.json and
+those instead (beside the defaults); ``--add_variants`` (same form) runs them beside the ablations.
+``--gemini=PATH`` adds a Gemini T. Writes ablations.json and
 ablations.md into the workdir; trained models and finished runs are reused.
 ``--models_root=DIR`` shares trained models with other runs (default WORKDIR/models).
 """
@@ -22,14 +23,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for models, runs and 
 _GEMINI = flags.DEFINE_string("gemini", None, "A T .npy built with the Gemini oracle (optional).")
 _VARIANTS = flags.DEFINE_string("variants", None,
                                 "NAME:field=value[,field=value];... instead of the ablations.")
+_ADD_VARIANTS = flags.DEFINE_string("add_variants", None,
+                                    "NAME:field=value[,field=value];... beside the ablations.")
 _MODELS_ROOT = flags.DEFINE_string("models_root", None,
                                    "Where the trained models live (default: WORKDIR/models).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main():
+  if _VARIANTS.value and _ADD_VARIANTS.value:
+    raise ValueError("give --variants (instead of the ablations) or --add_variants (beside them), "
+                     "not both")
   table = (ablations.parse_variants(_VARIANTS.value) if _VARIANTS.value
            else ablations.variants(_GEMINI.value))
+  if _ADD_VARIANTS.value:
+    table.update(ablations.parse_variants(_ADD_VARIANTS.value))
   summary = ablations.run(_CONFIG.value, _WORKDIR.value, table, models_root=_MODELS_ROOT.value)
   print(ablations.markdown(summary))
 

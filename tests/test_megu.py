@@ -1,4 +1,6 @@
 """MeGU end to end on digits, its pure steps on 1 vs 2 devices, the registry and bad input."""
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -245,6 +247,53 @@ def test_label_draw_counts_its_compilation_once_per_shape():
     megu_lib.draw_perturbing_labels(jax.random.key(0), T, labels, indices, mode="best")
 
 
+def test_receiving_classes_are_drawn_by_the_share_of_labels_they_receive():
+  retain_labels = np.array([0, 0, 1, 2, 2, 2])
+  positions, p = megu_lib.receiving_retain_rows(retain_labels, np.array([0, 0, 0, 2, 3]), 4)
+  # Class 3 receives a label but has no retained image: its share goes to the others.
+  np.testing.assert_array_equal(positions, [0, 1, 3, 4, 5])
+  np.testing.assert_allclose(p, [3 / 8, 3 / 8, 1 / 12, 1 / 12, 1 / 12])
+  with pytest.raises(ValueError, match="receiving_retain_fraction"):
+    megu_lib.receiving_retain_rows(retain_labels, np.array([3, 3]), 4)
+
+
+def test_receiving_retain_rows_fill_their_share_of_every_batch_and_zero_changes_nothing():
+  from megu_jax.unlearning.megu import method  # pylint: disable=import-outside-toplevel
+  # A new entry needs its own check that its value changes nothing (own_class_after_guidance:
+  # test_megu_labels.py, False takes the unchanged branch of guided_log_rows).
+  assert megu_lib.NO_OP_VALUES == {"receiving_retain_fraction": 0.0,
+                                   "own_class_after_guidance": False}
+  assert megu_lib.default_megu_config().receiving_retain_fraction == 0.0
+  labels = np.repeat(np.arange(5), 40)
+  # Each "image" is its own row number, so a batch shows which rows it drew.
+  data = types.SimpleNamespace(images=np.arange(200)[:, None], labels=labels)
+  retain_rows = np.arange(0, 200, 2)
+  # The no-op value draws exactly the uniform stream, row for row, as before the field existed.
+  uniform = np.concatenate([b["retain_label"] * 1000 + b["retain_image"][:, 0] for b in
+                            method._retain_batches(np.random.default_rng(7), retain_rows, data,
+                                                   8, 30)])
+  expected = retain_rows[base_lib.row_stream(np.random.default_rng(7), len(retain_rows), 240)]
+  np.testing.assert_array_equal(uniform, labels[expected] * 1000 + expected)
+  receiving = megu_lib.receiving_retain_rows(labels[retain_rows], np.array([3, 3, 4]), 5)
+  batches = list(method._retain_batches(np.random.default_rng(7), retain_rows, data, 8, 300,
+                                        receiving, 4))
+  focused = np.stack([b["retain_label"][:4] for b in batches])
+  assert set(np.unique(focused)) == {3, 4}
+  assert 0.6 < np.mean(focused == 3) < 0.73  # two of the three labels go to class 3
+  rest = np.concatenate([b["retain_label"][4:] for b in batches])
+  assert set(np.unique(rest)) == set(range(5))
+  assert all(set(b["retain_image"][:, 0]) <= set(retain_rows) for b in batches)
+
+
+def test_receiving_retain_fraction_reaches_the_finetuning(digits, trained, split):
+  forget, retain = unlearn_data(digits, split)
+  params = [megu_lib.megu(trained, forget, retain, experiment_config(
+      receiving_retain_fraction=fraction, steps=5, noise_steps=2), jax.random.key(0)).state.params
+            for fraction in (0.0, 0.5)]
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params[0]),
+                                                       jax.tree.leaves(params[1])))
+
+
 def test_original_is_the_identity_and_retrain_starts_from_scratch(digits, trained, split):
   forget, retain = unlearn_data(digits, split)
   config = digits_config.get_config("quick")
@@ -294,6 +343,7 @@ def test_a_transition_matrix_of_the_wrong_size_fails_before_any_compute(
     ({"freeze_through": "features"}, "freeze_through='features' must come before"),
     ({"freeze_through": "block2", "weight_decay": 1e-4}, "weight_decay=0.0001.*frozen"),
     ({"forget_target": "soft"}, "forget_target='soft'.*distribution"),
+    ({"receiving_retain_fraction": 1.5}, "receiving_retain_fraction=1.5 must be in"),
 ])
 def test_bad_settings_fail_before_any_compute(digits, trained, split, no_compute, fields,
                                               pattern):

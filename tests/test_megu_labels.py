@@ -56,6 +56,27 @@ def test_argmax_mode_takes_the_most_likely_other_class():
   np.testing.assert_array_equal(drawn, [1, 2, 0, 1])  # the tie in row 2 goes to the lower index
 
 
+def test_own_class_weight_after_the_guidance_is_the_share_that_keeps_its_label():
+  # A confident original (p(own) ~ 0.998): mixed in before the guidance, the own class wins
+  # almost always; after it, w is the share kept and the rest follows T x guidance.
+  T = np.array([[0, .5, .5], [.5, 0, .5], [.5, .5, 0]])
+  n = 30_000
+  labels = np.zeros(n, np.int32)
+  logits = np.tile(np.array([[8.0, 2.0, 0.0]], np.float32), (n, 1))
+  draw = lambda after: np.asarray(labels_lib.perturbing_labels(
+      jax.random.key(2), T, labels, original_logits=logits, guidance_temperature=1.0,
+      own_class_weight=0.5, own_class_after_guidance=after))
+  assert np.mean(draw(False) == 0) > 0.99
+  after = draw(True)
+  assert abs(np.mean(after == 0) - 0.5) < 0.02
+  # Among the others, class 1 over class 2 by the guidance's e^2 : 1.
+  assert abs(np.mean(after[after != 0] == 1) - np.exp(2) / (1 + np.exp(2))) < 0.02
+  # With no own-class weight the two orders are the same distribution.
+  rows = [labels_lib.guided_distribution_of(T, labels[:4], logits[:4], 1.0, 0.0, after)
+          for after in (False, True)]
+  np.testing.assert_allclose(rows[0], rows[1], atol=1e-6)
+
+
 def test_perturbing_labels_under_jit_equal_the_eager_result():
   T = jnp.asarray(_valid_T(6), jnp.float32)
   labels = jnp.arange(600, dtype=jnp.int32) % 6

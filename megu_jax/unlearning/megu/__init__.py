@@ -15,19 +15,20 @@ T itself is built by :func:`megu_jax.transition.build_transition`, the noise pai
 :mod:`megu_jax.noise`.
 """
 from megu_jax.unlearning.megu.config import (FORGET_TARGETS, LABEL_GUIDANCE, LABEL_MODES,
-                                             NOISE_PER, NOISE_SCHEDULES,
+                                             NO_OP_VALUES, NOISE_PER, NOISE_SCHEDULES,
                                              MissingTransitionFileError, default_megu_config,
                                              megu_settings, noise_rows_per_sample,
                                              own_class_weight, validate_settings)
 from megu_jax.unlearning.megu.labels import (draw_perturbing_labels, guided_distribution,
                                              perturbing_labels)
-from megu_jax.unlearning.megu.method import Guidance, machine_guidance, megu
+from megu_jax.unlearning.megu.method import (Guidance, machine_guidance, megu,
+                                             receiving_retain_rows)
 from megu_jax.unlearning.megu.steps import (MeguState, frozen_prefix, make_finetune_step,
                                             make_noise_step, noise_optimizers)
 
-__all__ = ["FORGET_TARGETS", "LABEL_GUIDANCE", "LABEL_MODES", "NOISE_PER", "NOISE_SCHEDULES",
-           "Guidance", "MeguState", "MissingTransitionFileError", "default_megu_config",
-           "draw_perturbing_labels", "frozen_prefix", "guided_distribution", "machine_guidance",
-           "make_finetune_step", "make_noise_step", "megu", "megu_settings",
+__all__ = ["FORGET_TARGETS", "LABEL_GUIDANCE", "LABEL_MODES", "NO_OP_VALUES", "NOISE_PER",
+           "NOISE_SCHEDULES", "Guidance", "MeguState", "MissingTransitionFileError",
+           "default_megu_config", "draw_perturbing_labels", "frozen_prefix", "guided_distribution",
+           "machine_guidance", "make_finetune_step", "make_noise_step", "megu", "megu_settings",
            "noise_optimizers", "noise_rows_per_sample", "own_class_weight", "perturbing_labels",
-           "validate_settings"]
+           "receiving_retain_rows", "validate_settings"]

@@ -48,6 +48,10 @@ def default_megu_config() -> ml_collections.ConfigDict:
   # Sub-class and random forgetting only (see own_class_weight()): the row becomes
   # (1 − w)·T[y] + w·e_y before the guidance, so a sample may keep its label.
   c.own_class_weight = 0.5
+  # True: the guidance reweights the other classes alone and the own class is mixed in after
+  # it, so own_class_weight is the share of samples that keep their label; False: before it,
+  # where the original's confidence (near 1 on memorised images) keeps almost every label.
+  c.own_class_after_guidance = False
   c.prototype_samples_per_class = 500  # images per class whose features make the prototypes
   c.superclass_of = ()         # hierarchy oracle: class -> group (the main job fills it in)
   # --- the noise pair ---
@@ -82,6 +86,10 @@ def default_megu_config() -> ml_collections.ConfigDict:
   c.forget_batch_size = 128
   c.retain_batch_size = 128
   c.retain_subset_size = 0     # draw retain batches from this many retain images; 0 = all
+  # This fraction of every retain batch comes from the retained images of the classes the
+  # perturbing labels send forget samples to, each class in proportion to the labels it
+  # receives (0: every retain row uniform): the finetuning moves those classes most.
+  c.receiving_retain_fraction = 0.0
   # Retrain-free stopping rule (calibration.py). none: finetune for ``steps``. Otherwise check
   # the forgotten images' mean margin every calibration_every steps, up to calibration_max_steps
   # (the schedule spans those), and stop once it is no higher than a target.
@@ -100,6 +108,12 @@ def default_megu_config() -> ml_collections.ConfigDict:
   c.random_scenario = ml_collections.ConfigDict(
       {"forget_weight": 0.1, "learning_rate": 0.01, "noise": "none"})
   return c
+
+
+# Fields added after the all-class table, with the value at which MeGU does exactly what it did
+# before they existed (tests/test_megu.py checks that it does): a table recorded without such a
+# field ran with this value.
+NO_OP_VALUES = {"receiving_retain_fraction": 0.0, "own_class_after_guidance": False}
 
 
 def megu_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -146,6 +160,10 @@ def validate_settings(settings: ml_collections.ConfigDict, trained: train.Traine
   check_choice(f("label_guidance"), settings.label_guidance, LABEL_GUIDANCE)
   check_choice(f("forget_target"), settings.forget_target, FORGET_TARGETS)
   check_choice(f("calibration"), settings.calibration, CALIBRATIONS)
+  if not 0.0 <= settings.receiving_retain_fraction <= 1.0:
+    raise UnlearningInputError(
+        f"{f('receiving_retain_fraction')}={settings.receiving_retain_fraction!r} must be in "
+        "[0, 1]")
   if not 0.0 <= settings.own_class_weight < 1.0:
     raise UnlearningInputError(f"{f('own_class_weight')}={settings.own_class_weight!r} must be "
                                "in [0, 1)")

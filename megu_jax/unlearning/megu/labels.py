@@ -39,15 +39,27 @@ def _check_inputs(T: jax.Array, labels: jax.Array, mode: str) -> None:
 
 
 def guided_log_rows(T, labels, original_logits=None, guidance_temperature=1.0,
-                    own_class_weight=0.0) -> jax.Array:
+                    own_class_weight=0.0, own_class_after_guidance=False) -> jax.Array:
   """float [N, K]: unnormalised log of each sample's row; -inf where ỹ is impossible.
 
   row = (1 − w)·T[y] (own class masked) + w·e_y, then, with ``original_logits`` [N, K], times
   softmax(logits / guidance_temperature). The own class is masked in log space, so ỹ != y holds
-  even when T carries a numerically tiny diagonal mass.
+  even when T carries a numerically tiny diagonal mass. With ``own_class_after_guidance`` the
+  guidance reweights the other classes alone, and the own class is mixed in afterwards with
+  weight w: w is then the chance that a sample keeps its label, whatever the original's
+  confidence in it (before the guidance, that confidence -- near 1 on memorised images --
+  keeps almost every label).
   """
   num_classes = T.shape[0]
   own = jax.nn.one_hot(labels, num_classes)
+  if own_class_after_guidance:
+    others = T[labels] * (1 - own)
+    log_others = jnp.where(others > 0, jnp.log(jnp.maximum(others, 1e-30)), -jnp.inf)
+    if original_logits is not None:
+      log_others = log_others + jax.nn.log_softmax(original_logits / guidance_temperature,
+                                                   axis=-1)
+    rows = (1.0 - own_class_weight) * jax.nn.softmax(log_others, axis=-1) + own_class_weight * own
+    return jnp.where(rows > 0, jnp.log(jnp.maximum(rows, 1e-30)), -jnp.inf)
   rows = (1.0 - own_class_weight) * T[labels] * (1 - own) + own_class_weight * own
   log_rows = jnp.log(jnp.maximum(rows, 1e-30))
   possible = rows > 0
@@ -58,7 +70,8 @@ def guided_log_rows(T, labels, original_logits=None, guidance_temperature=1.0,
 
 def perturbing_labels(key: jax.Array | None, T: Any, labels: Any, indices: Any = None,
                       original_logits: Any = None, guidance_temperature: float = 1.0,
-                      own_class_weight: float = 0.0, *, mode: str = "sample") -> jax.Array:
+                      own_class_weight: float = 0.0, own_class_after_guidance: bool = False, *,
+                      mode: str = "sample") -> jax.Array:
   """One perturbing label per forget sample.
 
   Args:
@@ -70,6 +83,7 @@ def perturbing_labels(key: jax.Array | None, T: Any, labels: Any, indices: Any =
     original_logits: [N, K] logits of the original model on the forget images (model guidance).
     guidance_temperature: τ_g of the guidance.
     own_class_weight: w in [0, 1); 0 keeps the own class out, as class forgetting needs.
+    own_class_after_guidance: mix the own class in after the guidance (see guided_log_rows).
 
   Returns:
     int32 [N].
@@ -80,7 +94,8 @@ def perturbing_labels(key: jax.Array | None, T: Any, labels: Any, indices: Any =
   labels = labels.astype(jnp.int32)
   if original_logits is not None:
     original_logits = jnp.asarray(original_logits, jnp.float32)
-  log_rows = guided_log_rows(T, labels, original_logits, guidance_temperature, own_class_weight)
+  log_rows = guided_log_rows(T, labels, original_logits, guidance_temperature, own_class_weight,
+                             own_class_after_guidance)
   if mode == "argmax":
     return jnp.argmax(log_rows, axis=-1).astype(jnp.int32)
   indices = (jnp.arange(labels.shape[0], dtype=jnp.uint32) if indices is None
@@ -90,14 +105,17 @@ def perturbing_labels(key: jax.Array | None, T: Any, labels: Any, indices: Any =
 
 
 def guided_distribution_of(T, labels, original_logits=None, guidance_temperature=1.0,
-                           own_class_weight=0.0) -> jax.Array:
+                           own_class_weight=0.0, own_class_after_guidance=False) -> jax.Array:
   """float [N, K]: the normalised row each sample's ỹ is drawn from (pure)."""
   return jax.nn.softmax(guided_log_rows(jnp.asarray(T, jnp.float32), labels, original_logits,
-                                        guidance_temperature, own_class_weight), axis=-1)
+                                        guidance_temperature, own_class_weight,
+                                        own_class_after_guidance), axis=-1)
 
 
-_perturbing_labels_jit = jax.jit(perturbing_labels, static_argnames=("mode",))
-_guided_distribution_jit = jax.jit(guided_distribution_of)
+_perturbing_labels_jit = jax.jit(perturbing_labels,
+                                 static_argnames=("mode", "own_class_after_guidance"))
+_guided_distribution_jit = jax.jit(guided_distribution_of,
+                                   static_argnames=("own_class_after_guidance",))
 
 
 def draw_perturbing_labels(key: jax.Array, T: np.ndarray, labels: np.ndarray,
@@ -105,6 +123,7 @@ def draw_perturbing_labels(key: jax.Array, T: np.ndarray, labels: np.ndarray,
                            original_logits: np.ndarray | None = None,
                            guidance_temperature: float = 1.0,
                            own_class_weight: float = 0.0,
+                           own_class_after_guidance: bool = False,
                            timings: dict | None = None) -> np.ndarray:
   """:func:`perturbing_labels` on the host, as int32 [N] NumPy.
 
@@ -119,18 +138,20 @@ def draw_perturbing_labels(key: jax.Array, T: np.ndarray, labels: np.ndarray,
           jnp.float32(guidance_temperature), jnp.float32(own_class_weight))
   # One compiled program, not a dozen eager ops that each compile on a cold process; its
   # compilation is timed apart.
-  return np.asarray(_run_compiled(_perturbing_labels_jit, args, {"mode": mode}, timings),
-                    np.int32)
+  static = {"mode": mode, "own_class_after_guidance": bool(own_class_after_guidance)}
+  return np.asarray(_run_compiled(_perturbing_labels_jit, args, static, timings), np.int32)
 
 
 def guided_distribution(T: np.ndarray, labels: np.ndarray, original_logits: np.ndarray | None,
                         *, guidance_temperature: float = 1.0, own_class_weight: float = 0.0,
+                        own_class_after_guidance: bool = False,
                         timings: dict | None = None) -> np.ndarray:
   """float32 [N, K]: the soft finetuning target of ``forget_target="distribution"``."""
   args = (jnp.asarray(T, jnp.float32), jnp.asarray(labels, jnp.int32),
           None if original_logits is None else jnp.asarray(original_logits, jnp.float32),
           jnp.float32(guidance_temperature), jnp.float32(own_class_weight))
-  return np.asarray(_run_compiled(_guided_distribution_jit, args, {}, timings), np.float32)
+  static = {"own_class_after_guidance": bool(own_class_after_guidance)}
+  return np.asarray(_run_compiled(_guided_distribution_jit, args, static, timings), np.float32)
 
 
 def _run_compiled(jitted, args: tuple, static: dict, timings: dict | None):

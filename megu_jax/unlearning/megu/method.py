@@ -62,9 +62,36 @@ def _forget_batches(rng, forget_data, perturbing, batch_size, num_steps, per_row
     yield batch
 
 
-def _retain_batches(rng, retain_rows, retain_data, batch_size, num_steps):
+def receiving_retain_rows(retain_labels: np.ndarray, perturbing: np.ndarray,
+                          num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """The positions of ``retain_labels`` in the classes the perturbing labels receive, and the
+  probability of drawing each: a class gets the share of ỹ it receives, split evenly over its
+  retained images (a receiving class with no retained image drops out)."""
+  received = np.bincount(perturbing, minlength=num_classes).astype(np.float64)
+  available = np.bincount(retain_labels, minlength=num_classes)
+  received[available == 0] = 0.0
+  if not received.sum():
+    raise UnlearningInputError(
+        "config.megu.receiving_retain_fraction > 0, but no retained image belongs to a class "
+        f"the perturbing labels receive ({sorted(set(perturbing.tolist()))}); set it to 0")
+  positions = np.flatnonzero(received[retain_labels] > 0)
+  labels = retain_labels[positions]
+  p = received[labels] / received.sum() / available[labels]
+  return positions, p / p.sum()
+
+
+def _retain_batches(rng, retain_rows, retain_data, batch_size, num_steps, receiving=None,
+                    receiving_count=0):
+  """Retain batches: successive shuffles of ``retain_rows``; with ``receiving`` (positions into
+  ``retain_rows`` and their probabilities), the first ``receiving_count`` rows of every batch are
+  drawn from those instead. With none the draw is the uniform one alone."""
   rows = retain_rows[row_stream(rng, len(retain_rows), batch_size * num_steps)]
-  for step_rows in rows.reshape(num_steps, batch_size):
+  rows = rows.reshape(num_steps, batch_size)
+  if receiving_count:
+    positions, p = receiving
+    rows[:, :receiving_count] = retain_rows[rng.choice(positions, (num_steps, receiving_count),
+                                                       p=p)]
+  for step_rows in rows:
     yield {"retain_image": retain_data.images[step_rows],
            "retain_label": retain_data.labels[step_rows]}
 
@@ -128,7 +155,9 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
       features=features, feature_labels=feature_labels, superclass_of=settings.superclass_of)
   guidance = dict(original_logits=forget_logits if need_guidance else None,
                   guidance_temperature=settings.guidance_temperature,
-                  own_class_weight=own_class_weight(settings, config), timings=timings)
+                  own_class_weight=own_class_weight(settings, config),
+                  own_class_after_guidance=bool(settings.own_class_after_guidance),
+                  timings=timings)
   perturbing = draw_perturbing_labels(key, T, forget_data.labels, forget_data.indices,
                                       mode=settings.label_mode, **guidance)
   targets = None
@@ -228,13 +257,17 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
     if diagnostics is not None:
       diagnostics["noise_metrics"] = noise_metrics
 
+  receiving_count = round(settings.receiving_retain_fraction * settings.retain_batch_size)
+  receiving = (receiving_retain_rows(retain_data.labels[retain_rows], perturbing, num_classes)
+               if receiving_count else None)
   finetune_step = dp.compile_step(make_finetune_step(
       trained.model, tx, settings, mean=trained.mean, std=trained.std, per_sample=per_sample,
       update_noise=settings.noise != "none" and settings.noise_schedule == "alternating"))
   batches = (dp.put_batch({**f, **r}) for f, r in zip(
       _forget_batches(rng, forget_data, perturbing, settings.forget_batch_size, total_steps,
                       finetune_per_row, with_images="forget_prefix" not in finetune_per_row),
-      _retain_batches(rng, retain_rows, retain_data, settings.retain_batch_size, total_steps)))
+      _retain_batches(rng, retain_rows, retain_data, settings.retain_batch_size, total_steps,
+                      receiving, receiving_count)))
   if calibrate:
     gap, first_check = calibration_lib.stopping_gap(
         trained, settings, dp, forget_data, retain_data, retain_rows,
