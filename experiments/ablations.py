@@ -31,13 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main():
-  if _VARIANTS.value and _ADD_VARIANTS.value:
-    raise ValueError("give --variants (instead of the ablations) or --add_variants (beside them), "
-                     "not both")
-  table = (ablations.parse_variants(_VARIANTS.value) if _VARIANTS.value
-           else ablations.variants(_GEMINI.value))
-  if _ADD_VARIANTS.value:
-    table.update(ablations.parse_variants(_ADD_VARIANTS.value))
+  table = ablations.variant_table(_VARIANTS.value, _ADD_VARIANTS.value, _GEMINI.value)
   summary = ablations.run(_CONFIG.value, _WORKDIR.value, table, models_root=_MODELS_ROOT.value)
   print(ablations.markdown(summary))
 

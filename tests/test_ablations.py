@@ -59,6 +59,18 @@ def test_variants_from_the_command_line_and_their_bad_values():
     ablations.run(config, "/nonexistent", {"bad": {"random_scenario.tau": 1}})
 
 
+def test_added_variants_run_beside_the_ablations_and_not_with_variants():
+  table = ablations.variant_table(add_text="half:receiving_retain_fraction=0.5")
+  assert table == {**ablations.variants(None), "half": {"receiving_retain_fraction": 0.5}}
+  assert list(ablations.variant_table("half:steps=3")) == [ablations.DEFAULTS, "half"]
+  # A colon ends a name in the command-line form, so an added variant never replaces one of these.
+  assert all(":" in name for name in ablations.variants("t.npy") if name != ablations.DEFAULTS)
+  with pytest.raises(ValueError, match="not both"):
+    ablations.variant_table("a:steps=3", "b:steps=4")
+  with pytest.raises(ValueError, match="config's own settings"):
+    ablations.variant_table(add_text="megu (defaults):steps=3")
+
+
 def test_a_dotted_variant_field_sets_the_nested_section():
   from megu_jax.harness import ensemble  # pylint: disable=import-outside-toplevel
   from megu_jax.unlearning import megu  # pylint: disable=import-outside-toplevel

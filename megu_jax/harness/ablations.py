@@ -60,7 +60,24 @@ def parse_variants(text: str) -> dict[str, dict]:
       if not eq:
         raise ValueError(f"--variants item {item!r}: {assignment!r} must read field=value")
       overrides[field.strip()] = parse_value(value.strip())
+    if name.strip() == DEFAULTS:
+      raise ValueError(f"--variants item {item!r}: {DEFAULTS!r} is the config's own settings; "
+                       "give the variant another name")
     table[name.strip()] = overrides
+  return table
+
+
+def variant_table(variants_text: str | None = None, add_text: str | None = None,
+                  gemini_path: str | None = None) -> dict[str, dict]:
+  """The variants to run: ``variants_text`` instead of the ablations, or the ablations with
+  ``add_text``'s beside them (both in :func:`parse_variants`' form)."""
+  if variants_text and add_text:
+    raise ValueError("give --variants (instead of the ablations) or --add_variants (beside "
+                     "them), not both")
+  table = parse_variants(variants_text) if variants_text else variants(gemini_path)
+  if add_text:
+    # The ablations' names hold a colon, so no name given in this form can replace one.
+    table.update(parse_variants(add_text))
   return table
 
 
