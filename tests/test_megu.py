@@ -3,6 +3,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -399,6 +400,48 @@ def test_calibration_finetunes_until_the_forgotten_images_look_unseen(digits, tr
   short = megu_lib.megu(trained, forget, retain, experiment_config(steps=10), jax.random.key(0))
   short_gap = margins_of(short, forget).mean() - margins_of(short, unseen).mean()
   assert short_gap > gap
+
+
+# --- non-member margin targets ---------------------------------------------------------------
+def random_forgetting(digits, count=64):
+  """Random forgetting of ``count`` training images; the test images stand in for unseen ones."""
+  rows = np.sort(np.random.default_rng(0).choice(len(digits.train_labels), count, replace=False))
+  kept = np.setdiff1d(np.arange(len(digits.train_labels)), rows)
+  forget = unlearning.UnlearnData.from_positions(digits.train_images, digits.train_labels, rows)
+  retain = unlearning.UnlearnData.from_positions(digits.train_images, digits.train_labels, kept)
+  unseen = unlearning.UnlearnData(digits.test_images, digits.test_labels,
+                                  len(digits.train_labels) + np.arange(len(digits.test_labels)))
+  config = experiment_config(forget_target="non_member_margin")
+  config.scenario = "random"
+  config.megu.random_scenario = ml_collections.ConfigDict(
+      {"forget_weight": 1.0, "learning_rate": 0.02, "noise": "none"})
+  return forget, retain, unseen, config
+
+
+def test_margin_targets_bring_each_forgotten_margin_to_its_target(digits, trained):
+  forget, retain, unseen, config = random_forgetting(digits)
+  guidance = megu_lib.machine_guidance(trained, forget, retain, config, jax.random.key(0),
+                                       non_members=unseen)
+  target = guidance.forget_target_margins
+  unlearned = megu_lib.megu(trained, forget, retain, config, jax.random.key(0),
+                            non_members=unseen)
+  before = np.abs(metrics_margins(trained, forget) - target).mean()
+  after = np.abs(metrics_margins(unlearned, forget) - target).mean()
+  assert after < before / 3, (before, after)
+  logits = train.predict(unlearned, retain.images)["logits"]
+  assert metrics.accuracy(logits, retain.labels) > 0.95
+
+
+def test_margin_targets_need_non_members_and_cannot_forget_a_class(digits, trained, split,
+                                                                   no_compute):
+  forget, retain, unseen, config = random_forgetting(digits)
+  with pytest.raises(unlearning.UnlearningInputError,
+                     match="forget_target='non_member_margin' needs non_members"):
+    megu_lib.megu(trained, forget, retain, config, jax.random.key(0))
+  config.scenario = "full_class"
+  with pytest.raises(unlearning.UnlearningInputError,
+                     match="'non_member_margin' cannot forget a whole class"):
+    megu_lib.megu(trained, forget, retain, config, jax.random.key(0), non_members=unseen)
 
 
 def test_retained_head_calibration_needs_a_frozen_prefix(digits, trained, split, no_compute):

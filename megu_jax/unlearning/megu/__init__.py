@@ -7,6 +7,7 @@ part:
   checks that run before any compute;
 - :mod:`.labels` -- the perturbing labels ỹ drawn from T, optionally guided by the original
   model's posterior;
+- :mod:`.targets` -- the margin targets of ``forget_target="non_member_margin"``;
 - :mod:`.steps` -- the pure, jitted noise and finetuning steps over :class:`MeguState`;
 - :mod:`.method` -- ``megu(trained, forget_data, retain_data, config, key)``, registered as
   ``"megu"``: the machine guidance, then the two phases.
@@ -23,6 +24,7 @@ from megu_jax.unlearning.megu.labels import (draw_perturbing_labels, guided_dist
                                              perturbing_labels)
 from megu_jax.unlearning.megu.method import (Guidance, machine_guidance, megu,
                                              receiving_retain_rows)
+from megu_jax.unlearning.megu.targets import non_member_margin_targets
 from megu_jax.unlearning.megu.steps import (MeguState, frozen_prefix, make_finetune_step,
                                             make_noise_step, noise_optimizers)
 
@@ -30,5 +32,5 @@ __all__ = ["FORGET_TARGETS", "LABEL_GUIDANCE", "LABEL_MODES", "NO_OP_VALUES", "N
            "NOISE_SCHEDULES", "Guidance", "MeguState", "MissingTransitionFileError",
            "default_megu_config", "draw_perturbing_labels", "frozen_prefix", "guided_distribution",
            "machine_guidance", "make_finetune_step", "make_noise_step", "megu", "megu_settings",
-           "noise_optimizers", "noise_rows_per_sample", "own_class_weight", "perturbing_labels",
-           "receiving_retain_rows", "validate_settings"]
+           "non_member_margin_targets", "noise_optimizers", "noise_rows_per_sample",
+           "own_class_weight", "perturbing_labels", "receiving_retain_rows", "validate_settings"]

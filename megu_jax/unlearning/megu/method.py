@@ -38,6 +38,7 @@ from megu_jax.unlearning.megu import calibration as calibration_lib
 from megu_jax.unlearning.megu.config import (megu_settings, noise_rows_per_sample,
                                              own_class_weight, validate_settings)
 from megu_jax.unlearning.megu.labels import draw_perturbing_labels, guided_distribution
+from megu_jax.unlearning.megu.targets import non_member_margin_targets
 from megu_jax.unlearning.megu.steps import (MeguState, make_finetune_step, make_noise_step,
                                             noise_optimizers)
 
@@ -105,15 +106,20 @@ class Guidance(NamedTuple):
   # (else empty): "features" [N_f, D], and the output of freeze_through when set.
   forget_activations: dict[str, np.ndarray]
   forget_targets: np.ndarray | None    # float32 [N_f, K] for forget_target="distribution"
+  # float32 [N_f] for forget_target="non_member_margin": each image's target margin.
+  forget_target_margins: np.ndarray | None = None
 
 
 def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnData,
                      config: ml_collections.ConfigDict, key: jax.Array,
                      rng: np.random.Generator | None = None,
                      dp: parallel.DataParallel | None = None,
-                     timings: dict | None = None) -> Guidance:
+                     timings: dict | None = None,
+                     non_members: UnlearnData | None = None) -> Guidance:
   """What MeGU decides before any finetuning (a :class:`Guidance`): T, the perturbing labels,
   the retain rows, and what the original model's pass over the forget images left for the steps.
+  ``non_members`` (unseen images of the forgotten classes) is read by
+  ``forget_target="non_member_margin"`` alone.
 
   Public so that a report can show (e.g. plot) exactly the T that a run used. ``timings`` (if
   given) receives the ``compile_s`` of the forward pass and of the label draw, when this call
@@ -133,8 +139,9 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
   forget_activations = {}
   noise_first = settings.noise != "none" and settings.noise_schedule == "before"
   prefix = (settings.freeze_through,) if settings.freeze_through else ()
+  margin_targets = settings.forget_target == "non_member_margin"
   if (need_prototypes or need_guidance or settings.align_weight > 0 or noise_first
-      or settings.freeze_through):
+      or settings.freeze_through or margin_targets):
     # One pass of the original model over the forget images (and, for the prototypes, a
     # class-balanced retain sample): far cheaper than scoring the whole training set.
     forget_out = train.predict(trained, forget_data.images, 1000, dp, timings, prefix)
@@ -160,10 +167,14 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
                   timings=timings)
   perturbing = draw_perturbing_labels(key, T, forget_data.labels, forget_data.indices,
                                       mode=settings.label_mode, **guidance)
-  targets = None
+  targets = target_margins = None
   if settings.forget_target == "distribution":
     targets = guided_distribution(T, forget_data.labels, **guidance)
-  return Guidance(T, perturbing, retain_rows, forget_activations, targets)
+  if margin_targets:
+    non_member_logits = train.predict(trained, non_members.images, 1000, dp, timings)["logits"]
+    target_margins = non_member_margin_targets(forget_logits, forget_data.labels,
+                                               non_member_logits, non_members.labels)
+  return Guidance(T, perturbing, retain_rows, forget_activations, targets, target_margins)
 
 
 # --- the method ----------------------------------------------------------------------------------
@@ -176,7 +187,7 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
 
   ``non_members``: images no model trained on, of the forgotten classes (sub-classes; for random
   forgetting, of the forgotten samples' classes); ``config.megu.calibration`` needs them and
-  otherwise ignores them.
+  otherwise ignores them, and so does ``config.megu.forget_target="non_member_margin"``.
 
   ``timings`` (if given) receives, in seconds, ``transition_s`` (features, T, perturbing labels),
   ``noise_s`` (the noise phase), ``finetune_s`` and ``compile_s`` (first call of each compiled
@@ -190,12 +201,17 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
   validate_settings(settings, trained, dp.num_devices)
   check_data(trained, forget_data, retain_data)
   calibrate = settings.calibration != "none"
-  if settings.calibration == "non_member_margin" and (non_members is None
-                                                      or not len(non_members)):
+  for field in ("calibration", "forget_target"):
+    if settings[field] == "non_member_margin" and (non_members is None or not len(non_members)):
+      raise UnlearningInputError(
+          f"config.megu.{field}='non_member_margin' needs non_members: unseen images of what is "
+          "forgotten (the harness passes the training pool's unused images when the recipe "
+          "trains on a subset, config.train_subset)")
+  if settings.forget_target == "non_member_margin" and config.get("scenario") == "full_class":
     raise UnlearningInputError(
-        f"config.megu.calibration={settings.calibration!r} needs non_members: unseen images of "
-        "what is forgotten (the harness passes the training pool's unused images when the recipe "
-        "trains on a subset, config.train_subset)")
+        "config.megu.forget_target='non_member_margin' cannot forget a whole class: the "
+        "original classifies that class's unseen images as well as its training images, so "
+        "their margins are no target; use 'label' or 'distribution'")
   num_classes = num_classes_of(trained)
   per_sample = noise_rows_per_sample(settings, config)
   label_key, batch_key, step_key = jax.random.split(key, 3)
@@ -205,8 +221,9 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
   # 1-2. Transition matrix and perturbing labels: the "machine guidance", computed once.
   start = time.perf_counter()
   compile_before = timings.get("compile_s", 0.0)
-  T, perturbing, retain_rows, forget_activations, forget_targets = machine_guidance(
-      trained, forget_data, retain_data, config, label_key, rng, dp, timings)
+  (T, perturbing, retain_rows, forget_activations, forget_targets,
+   forget_target_margins) = machine_guidance(trained, forget_data, retain_data, config,
+                                             label_key, rng, dp, timings, non_members)
   timings["transition_s"] = (time.perf_counter() - start
                              - (timings.get("compile_s", 0.0) - compile_before))
   if diagnostics is not None:
@@ -244,6 +261,8 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
     finetune_per_row["forget_prefix"] = forget_activations[settings.freeze_through]
   if forget_targets is not None:
     finetune_per_row["forget_target"] = forget_targets
+  if forget_target_margins is not None:
+    finetune_per_row["forget_target_margin"] = forget_target_margins
 
   timings.setdefault("noise_s", 0.0)
   if settings.noise != "none" and settings.noise_schedule == "before" and settings.noise_steps:

@@ -25,6 +25,7 @@ import optax
 from megu_jax import noise as noise_lib
 from megu_jax import parallel
 from megu_jax import train
+from megu_jax.unlearning.megu.targets import logit_margins, margin_loss
 
 
 @flax.struct.dataclass
@@ -157,7 +158,10 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
       def loss_fn(params):
         _, activation = g(params, forget_images)
         forget_logits = h(params, noise_lib.apply_noise(activation, negative, positive))
-        if "forget_target" in batch:  # forget_target="distribution"
+        if "forget_target_margin" in batch:  # forget_target="non_member_margin"
+          forget_loss = margin_loss(forget_logits, batch["forget_label"],
+                                    batch["forget_target_margin"])
+        elif "forget_target" in batch:  # forget_target="distribution"
           forget_loss = jnp.mean(optax.softmax_cross_entropy(forget_logits,
                                                              batch["forget_target"]))
         else:
@@ -205,7 +209,5 @@ def make_margin_fn(model: nn.Module, settings: ml_collections.ConfigDict, batch_
   @jax.jit
   def margins(params, inputs, labels):
     logits, _ = g(params, inputs)
-    own = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-    others = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf, logits)
-    return own - jax.nn.logsumexp(others, axis=-1)
+    return logit_margins(logits, labels)
   return margins
