@@ -12,8 +12,16 @@ os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-tfds-data-dir")
 os.environ.setdefault("NO_GCE_CHECK", "true")
 
 # Identical programs (the original and the Retrain model share one train step) compile once per
-# test session: a persistent compilation cache in a fresh temporary directory.
+# test run: a persistent compilation cache in a fresh temporary directory, made by the first
+# process that loads this file (pytest-xdist's controller) and shared with its workers through the
+# environment, so that a program one worker compiled is not compiled again by the other.
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
+
+_CACHE_VARIABLE = "MEGU_JAX_TEST_XLA_CACHE"
+_OWNS_CACHE = _CACHE_VARIABLE not in os.environ
+if _OWNS_CACHE:
+  os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="megu-jax-xla-cache-")
 
 # The commands apply megu_jax's XLA:CPU settings before JAX starts (megu_jax.xla_cpu); so does the
 # test process, so that what a command trains and what a test trains in-process agree bitwise.
@@ -23,9 +31,15 @@ xla_cpu.apply_cpu_defaults()
 
 import jax  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="megu-jax-xla-cache-"))
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWNS_CACHE:
+    shutil.rmtree(os.environ.pop(_CACHE_VARIABLE), ignore_errors=True)
 
 
 # --- the digits task of the baseline tests (test_baselines_*.py) --------------------------------
