@@ -2,6 +2,7 @@
 every row gets a table beside doing nothing and the floor."""
 import json
 
+import numpy as np
 import pytest
 
 from megu_jax import ensemble_metrics
@@ -17,6 +18,7 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
   config.ensemble_size = ensemble_metrics.MIN_MODELS_FORGETTING
   config.ensemble_retain_examples, config.ensemble_val_examples = 100, 100
   config.benchmark_scenarios = "full_class:3;random:20@1"
+  config.train_subset = 1200  # the rest of the pool: unseen images for the margin gap
   summary = ablations.run(config, str(tmp_path), chosen, models_root=str(tmp_path / "shared"))
   # The models went where they were asked to, to be shared with other workdirs.
   assert list((tmp_path / "shared").glob("original_*")) and not (tmp_path / "models").exists()
@@ -29,10 +31,17 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
     for entry in row["methods"].values():
       assert entry["ensemble_size"] == config.ensemble_size
       assert {"forget", "retain", "val"} <= set(entry["gaussian_kl"])
+    # The originals' and Retrain's mean margins on the forgotten and on unseen images: the
+    # originals saw the forgotten images, so they are surer of them than of unseen ones.
+    gap = row["margins"]
+    assert gap["original"]["forgotten"]["mean"] > gap["original"]["unseen"]["mean"]
+    assert all(np.isfinite(gap[role][name][k]) for role in gap for name in gap[role]
+               for k in ("mean", "sd"))
   stored = json.loads((tmp_path / "ablations.json").read_text())
   assert stored["rows"]["full_class_3_seed0"]["methods"]["noise: none"]["forgetting_quality"]
   table = (tmp_path / "ablations.md").read_text()
   assert "| noise: none |" in table and "| retrain |" in table and "| original |" in table
+  assert "on the forgotten training images / on unseen images like them: original " in table
   assert "whose settings they already are: T: the default's." in table
   # A variant's runs are its own: the defaults' runs were not overwritten by the variants'.
   assert (tmp_path / "rows" / "full_class_3_seed0" / "runs" / "megu-noise_none").is_dir()

@@ -19,7 +19,11 @@ import os
 import re
 from typing import Any
 
+import numpy as np
+
+from megu_jax import ensemble_metrics
 from megu_jax import io_utils
+from megu_jax import train
 from megu_jax.harness import benchmark
 from megu_jax.harness import ensemble
 from megu_jax.harness import provenance
@@ -135,12 +139,36 @@ def run(config, workdir: str, table: dict[str, dict],
                                           tag=f"megu-{_slug(name)}" if overrides else "megu")
       entries[name] = _entry(runs, ens, floor, oracle)
     results[benchmark.cell_name(*row, seed=config.seed)] = {
-        "scenario": row[0], "forget": row[1], "ensemble_size": size, "methods": entries}
+        "scenario": row[0], "forget": row[1], "ensemble_size": size, "methods": entries,
+        "margins": margin_gap(ens)}
   summary = {"dataset": config.dataset, "ensemble_size": size, "variants": table,
              "same_as_defaults": same, "rows": results, "provenance": provenance.record()}
   io_utils.atomic_write_json(os.path.join(workdir, "ablations.json"), summary)
   io_utils.atomic_write_text(os.path.join(workdir, "ablations.md"), markdown(summary))
   return summary
+
+
+def margin_gap(ens) -> dict | None:
+  """Whether the forgotten images look like unseen ones, to the originals and to Retrain.
+
+  ``{"original" | "retrain": {"forgotten" | "unseen": {"mean", "sd"}}}``: each model's mean
+  margin z_y − logsumexp_{j≠y} z_j on the forgotten training images and on the row's non-members
+  (unseen images of the same classes, sub-classes or label mix), then the mean and standard
+  deviation of those over the row's originals and their Retrain (floor) models. None when the
+  data set has no unseen images.
+  """
+  if any(member.non_member_data is None for member in ens.members):
+    return None
+  per_model = {role: {"forgotten": [], "unseen": []} for role in ("original", "retrain")}
+  batch_size = int(ens.config.eval_batch_size)
+  for member in ens.members:
+    for role, model in (("original", member.original), ("retrain", member.retrained)):
+      for name, data in (("forgotten", member.forget_data), ("unseen", member.non_member_data)):
+        logits = train.predict(model, data.images, batch_size)["logits"]
+        per_model[role][name].append(float(np.mean(ensemble_metrics.margins(logits,
+                                                                            data.labels))))
+  return {role: {name: {"mean": float(np.mean(values)), "sd": float(np.std(values))}
+                 for name, values in by_split.items()} for role, by_split in per_model.items()}
 
 
 def _setting(section, field: str):
@@ -182,6 +210,14 @@ def markdown(summary: dict) -> str:
     lines += ["", "Floor's 95 % interval: " + ", ".join(
         f"{s} {floor[s][f'{statistic}_ci95'][0]:.3f}–{floor[s][f'{statistic}_ci95'][1]:.3f}"
         for s in ("forget", "retain", "val")) + ".", ""]
+    if row.get("margins"):
+      gap = row["margins"]
+      lines += ["Mean margin (± its standard deviation over the models) on the forgotten training "
+                "images / on unseen images like them: " + "; ".join(
+                    f"{role} {gap[role]['forgotten']['mean']:.2f} ± "
+                    f"{gap[role]['forgotten']['sd']:.2f} / {gap[role]['unseen']['mean']:.2f} ± "
+                    f"{gap[role]['unseen']['sd']:.2f}" for role in ("original", "retrain"))
+                + ".", ""]
   if summary.get("same_as_defaults"):
     lines += ["Not run apart from the defaults, whose settings they already are: "
               + ", ".join(summary["same_as_defaults"]) + ".", ""]
