@@ -38,6 +38,11 @@ def _check_inputs(T: jax.Array, labels: jax.Array, mode: str) -> None:
     raise ValueError(f"label {bad} is outside [0, {num_classes}) for a {num_classes}-class T")
 
 
+def _masked_log(rows: jax.Array) -> jax.Array:
+  """log(rows), -inf exactly where a row entry is 0 (an impossible ỹ stays impossible)."""
+  return jnp.where(rows > 0, jnp.log(jnp.maximum(rows, 1e-30)), -jnp.inf)
+
+
 def guided_log_rows(T, labels, original_logits=None, guidance_temperature=1.0,
                     own_class_weight=0.0, own_class_after_guidance=False) -> jax.Array:
   """float [N, K]: unnormalised log of each sample's row; -inf where ỹ is impossible.
@@ -50,22 +55,19 @@ def guided_log_rows(T, labels, original_logits=None, guidance_temperature=1.0,
   confidence in it (before the guidance, that confidence -- near 1 on memorised images --
   keeps almost every label).
   """
-  num_classes = T.shape[0]
-  own = jax.nn.one_hot(labels, num_classes)
+  own = jax.nn.one_hot(labels, T.shape[0])
+
+  def guide(log_rows):
+    if original_logits is None:
+      return log_rows
+    # -inf + finite stays -inf: the guidance never revives an impossible ỹ.
+    return log_rows + jax.nn.log_softmax(original_logits / guidance_temperature, axis=-1)
+
+  others = T[labels] * (1 - own)
   if own_class_after_guidance:
-    others = T[labels] * (1 - own)
-    log_others = jnp.where(others > 0, jnp.log(jnp.maximum(others, 1e-30)), -jnp.inf)
-    if original_logits is not None:
-      log_others = log_others + jax.nn.log_softmax(original_logits / guidance_temperature,
-                                                   axis=-1)
-    rows = (1.0 - own_class_weight) * jax.nn.softmax(log_others, axis=-1) + own_class_weight * own
-    return jnp.where(rows > 0, jnp.log(jnp.maximum(rows, 1e-30)), -jnp.inf)
-  rows = (1.0 - own_class_weight) * T[labels] * (1 - own) + own_class_weight * own
-  log_rows = jnp.log(jnp.maximum(rows, 1e-30))
-  possible = rows > 0
-  if original_logits is not None:
-    log_rows = log_rows + jax.nn.log_softmax(original_logits / guidance_temperature, axis=-1)
-  return jnp.where(possible, log_rows, -jnp.inf)
+    guided_others = jax.nn.softmax(guide(_masked_log(others)), axis=-1)
+    return _masked_log((1.0 - own_class_weight) * guided_others + own_class_weight * own)
+  return guide(_masked_log((1.0 - own_class_weight) * others + own_class_weight * own))
 
 
 def perturbing_labels(key: jax.Array | None, T: Any, labels: Any, indices: Any = None,
