@@ -432,15 +432,16 @@ def test_margin_targets_bring_each_forgotten_margin_to_its_target(digits, traine
   assert metrics.accuracy(logits, retain.labels) > 0.95
 
 
-def test_margin_targets_need_non_members_and_cannot_forget_a_class(digits, trained, split,
-                                                                   no_compute):
+@pytest.mark.parametrize("scenario", ["full_class", "sub_class"])
+def test_margin_targets_need_non_members_and_random_forgetting(digits, trained, no_compute,
+                                                               scenario):
   forget, retain, unseen, config = random_forgetting(digits)
   with pytest.raises(unlearning.UnlearningInputError,
                      match="forget_target='non_member_margin' needs non_members"):
     megu_lib.megu(trained, forget, retain, config, jax.random.key(0))
-  config.scenario = "full_class"
+  config.scenario = scenario
   with pytest.raises(unlearning.UnlearningInputError,
-                     match="'non_member_margin' cannot forget a whole class"):
+                     match=f"'non_member_margin' is for random forgetting, not {scenario}"):
     megu_lib.megu(trained, forget, retain, config, jax.random.key(0), non_members=unseen)
 
 

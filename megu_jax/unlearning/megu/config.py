@@ -40,7 +40,7 @@ def default_megu_config() -> ml_collections.ConfigDict:
   # label: the finetuning CE on forget images targets ỹ. distribution: it targets the whole row
   # ỹ is drawn from (after the guidance below); ỹ then only picks each sample's δ⁺.
   # non_member_margin: it regresses each image's margin onto the original's margin on an unseen
-  # image of its class at the same rank (targets.py; needs non_members, so not full-class).
+  # image of its class at the same rank (targets.py; needs non_members; random forgetting only).
   c.forget_target = "label"
   # transition: row = T[y]. transition_x_model: row ∝ T[y] · p_θ₀(·|x)^(1/guidance_temperature),
   # the original model's opinion of where this image would go (own class excluded): each image

@@ -207,11 +207,13 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
           f"config.megu.{field}='non_member_margin' needs non_members: unseen images of what is "
           "forgotten (the harness passes the training pool's unused images when the recipe "
           "trains on a subset, config.train_subset)")
-  if settings.forget_target == "non_member_margin" and config.get("scenario") == "full_class":
+  scenario = config.get("scenario")
+  if settings.forget_target == "non_member_margin" and scenario in ("full_class", "sub_class"):
     raise UnlearningInputError(
-        "config.megu.forget_target='non_member_margin' cannot forget a whole class: the "
-        "original classifies that class's unseen images as well as its training images, so "
-        "their margins are no target; use 'label' or 'distribution'")
+        f"config.megu.forget_target='non_member_margin' is for random forgetting, not "
+        f"{scenario}: the original learned the forgotten (sub-)class and gives its unseen images "
+        "the margins of its training images, so they are no target; use 'label' or "
+        "'distribution'")
   num_classes = num_classes_of(trained)
   per_sample = noise_rows_per_sample(settings, config)
   label_key, batch_key, step_key = jax.random.split(key, 3)

@@ -10,7 +10,10 @@ image the original found hard stays hard) and their spread becomes the non-membe
 is what a per-example comparison with Retrain's margins asks of it. No Retrain model is used.
 
 The finetuning then regresses the forgotten images' margin onto that target
-(:func:`margin_loss`) instead of fitting a perturbing label.
+(:func:`margin_loss`) instead of fitting a perturbing label. This holds for random forgetting
+alone: when a whole class or sub-class is forgotten, the original has learned it and gives its
+unseen images the margins of its training images, while Retrain, which never saw the (sub-)class,
+gives them lower ones.
 """
 from __future__ import annotations
 
