@@ -263,7 +263,8 @@ def test_receiving_retain_rows_fill_their_share_of_every_batch_and_zero_changes_
   # A new entry needs its own check that its value changes nothing (own_class_after_guidance:
   # test_megu_labels.py, False takes the unchanged branch of guided_log_rows).
   assert megu_lib.NO_OP_VALUES == {"receiving_retain_fraction": 0.0,
-                                   "own_class_after_guidance": False}
+                                   "own_class_after_guidance": False,
+                                   "retain_margin_weight": 0.0}
   assert megu_lib.default_megu_config().receiving_retain_fraction == 0.0
   labels = np.repeat(np.arange(5), 40)
   # Each "image" is its own row number, so a batch shows which rows it drew.
@@ -430,6 +431,19 @@ def test_margin_targets_bring_each_forgotten_margin_to_its_target(digits, traine
   assert after < before / 3, (before, after)
   logits = train.predict(unlearned, retain.images)["logits"]
   assert metrics.accuracy(logits, retain.labels) > 0.95
+
+
+def test_the_retain_margin_term_keeps_the_retained_margins_closer_to_the_original(digits, trained):
+  forget, retain, unseen, config = random_forgetting(digits)
+  config.megu.random_scenario.learning_rate = 0.1  # far enough to move the retained margins
+  drift = {}
+  for weight in (0.0, 1.0):
+    config.megu.retain_margin_weight = weight
+    unlearned = megu_lib.megu(trained, forget, retain, config, jax.random.key(0),
+                              non_members=unseen)
+    drift[weight] = np.abs(metrics_margins(unlearned, retain)
+                           - metrics_margins(trained, retain)).mean()
+  assert drift[1.0] < 0.7 * drift[0.0], drift
 
 
 @pytest.mark.parametrize("scenario", ["full_class", "sub_class"])

@@ -71,6 +71,9 @@ def default_megu_config() -> ml_collections.ConfigDict:
   c.forget_weight = 1.0        # weight of the perturbed forget CE
   c.retain_weight = 1.0        # β
   c.kl_weight = 0.0            # α: KL(f_θ₀ ‖ f_θ) on retain images (> 0 keeps the class alive)
+  # ν: Huber(margin_θ(x_r) − margin_θ₀(x_r)) on retain images. Lowering the forgotten images'
+  # margins tends to lower every margin; this holds the retained images' where θ₀ has them.
+  c.retain_margin_weight = 0.0
   # μ: without it the noise pair does part of the forgetting for θ and the clean model ends up
   # less confident on forgotten images than a model that never saw them.
   c.align_weight = 1.0
@@ -115,7 +118,8 @@ def default_megu_config() -> ml_collections.ConfigDict:
 # Fields added after the all-class table, with the value at which MeGU does exactly what it did
 # before they existed (tests/test_megu.py checks that it does): a table recorded without such a
 # field ran with this value.
-NO_OP_VALUES = {"receiving_retain_fraction": 0.0, "own_class_after_guidance": False}
+NO_OP_VALUES = {"receiving_retain_fraction": 0.0, "own_class_after_guidance": False,
+                "retain_margin_weight": 0.0}
 
 
 def megu_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -170,8 +174,8 @@ def validate_settings(settings: ml_collections.ConfigDict, trained: train.Traine
     raise UnlearningInputError(f"{f('own_class_weight')}={settings.own_class_weight!r} must be "
                                "in [0, 1)")
   for name in ("negative_weight", "positive_weight", "forget_weight", "retain_weight",
-               "kl_weight", "align_weight", "weight_decay", "momentum", "epochs",
-               "max_grad_norm"):
+               "kl_weight", "retain_margin_weight", "align_weight", "weight_decay", "momentum",
+               "epochs", "max_grad_norm"):
     check_positive(f(name), settings[name], allow_zero=True)
   for name in ("temperature", "guidance_temperature", "learning_rate", "negative_learning_rate",
                "positive_learning_rate"):

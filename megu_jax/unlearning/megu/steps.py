@@ -110,6 +110,7 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
   """
   negative_tx, positive_tx = noise_optimizers(settings)
   use_kl = settings.kl_weight > 0
+  use_retain_margin = settings.retain_margin_weight > 0
   use_align = settings.align_weight > 0
 
   def factory(axis_name: str | None):
@@ -147,7 +148,7 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
           noise_lib.gather_noise(new_noise, negative_rows, perturbing, settings.noise))
 
       original_retain_logits = original_activation = None
-      if use_kl:
+      if use_kl or use_retain_margin:
         original_retain_logits, _ = g(state.original_params, retain_images)
       if use_align and "forget_original_activation" in batch:
         # Precomputed once per image (the "features" activation, from the guidance pass).
@@ -176,6 +177,11 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
               original_log_probs - jax.nn.log_softmax(retain_logits)), axis=-1))
           loss += settings.kl_weight * kl
           terms["kl"] = kl
+        if use_retain_margin:
+          retain_margin = margin_loss(retain_logits, batch["retain_label"],
+                                      logit_margins(original_retain_logits, batch["retain_label"]))
+          loss += settings.retain_margin_weight * retain_margin
+          terms["retain_margin"] = retain_margin
         if use_align:
           target = jax.lax.stop_gradient(
               noise_lib.apply_noise(original_activation, negative, positive))
