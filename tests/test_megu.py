@@ -261,7 +261,8 @@ def test_receiving_classes_are_drawn_by_the_share_of_labels_they_receive():
 def test_receiving_retain_rows_fill_their_share_of_every_batch_and_zero_changes_nothing():
   from megu_jax.unlearning.megu import method  # pylint: disable=import-outside-toplevel
   # A new entry needs its own check that its value changes nothing (own_class_after_guidance:
-  # test_megu_labels.py, False takes the unchanged branch of guided_log_rows).
+  # test_megu_labels.py, False takes the unchanged branch of guided_log_rows; retain_margin_weight:
+  # test_the_retain_margin_term_keeps_the_retained_margins_closer_to_the_original, 0 adds no term).
   assert megu_lib.NO_OP_VALUES == {"receiving_retain_fraction": 0.0,
                                    "own_class_after_guidance": False,
                                    "retain_margin_weight": 0.0}
@@ -436,14 +437,18 @@ def test_margin_targets_bring_each_forgotten_margin_to_its_target(digits, traine
 def test_the_retain_margin_term_keeps_the_retained_margins_closer_to_the_original(digits, trained):
   forget, retain, unseen, config = random_forgetting(digits)
   config.megu.random_scenario.learning_rate = 0.1  # far enough to move the retained margins
-  drift = {}
+  drift, terms = {}, {}
   for weight in (0.0, 1.0):
     config.megu.retain_margin_weight = weight
+    diagnostics = {}
     unlearned = megu_lib.megu(trained, forget, retain, config, jax.random.key(0),
-                              non_members=unseen)
+                              non_members=unseen, diagnostics=diagnostics)
     drift[weight] = np.abs(metrics_margins(unlearned, retain)
                            - metrics_margins(trained, retain)).mean()
+    terms[weight] = set(diagnostics["finetune_metrics"])
   assert drift[1.0] < 0.7 * drift[0.0], drift
+  # At 0 the loss has no such term (it is the loss from before the field existed).
+  assert "retain_margin" in terms[1.0] and "retain_margin" not in terms[0.0]
 
 
 @pytest.mark.parametrize("scenario", ["full_class", "sub_class"])
