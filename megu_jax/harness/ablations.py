@@ -154,19 +154,22 @@ def margin_gap(ens) -> dict | None:
   ``{"original" | "retrain": {"forgotten" | "unseen": {"mean", "sd"}}}``: each model's mean
   margin z_y − logsumexp_{j≠y} z_j on the forgotten training images and on the row's non-members
   (unseen images of the same classes, sub-classes or label mix), then the mean and standard
-  deviation of those over the row's originals and their Retrain (floor) models. None when the
-  data set has no unseen images.
+  deviation of those over the row's originals and their Retrain (floor) models. The forgotten
+  images' margins are the references' runs' own (their forget split is the whole forget set);
+  only the unseen images are scored here. None when the data set has no unseen images.
   """
   if any(member.non_member_data is None for member in ens.members):
     return None
   per_model = {role: {"forgotten": [], "unseen": []} for role in ("original", "retrain")}
   batch_size = int(ens.config.eval_batch_size)
-  for member in ens.members:
+  for i, member in enumerate(ens.members):
+    unseen = member.non_member_data
     for role, model in (("original", member.original), ("retrain", member.retrained)):
-      for name, data in (("forgotten", member.forget_data), ("unseen", member.non_member_data)):
-        logits = train.predict(model, data.images, batch_size)["logits"]
-        per_model[role][name].append(float(np.mean(ensemble_metrics.margins(logits,
-                                                                            data.labels))))
+      per_model[role]["forgotten"].append(
+          float(np.mean(ens.reference_runs[role][i]["margins"]["forget"])))
+      logits = train.predict(model, unseen.images, batch_size)["logits"]
+      per_model[role]["unseen"].append(float(np.mean(ensemble_metrics.margins(logits,
+                                                                              unseen.labels))))
   return {role: {name: {"mean": float(np.mean(values)), "sd": float(np.std(values))}
                  for name, values in by_split.items()} for role, by_split in per_model.items()}
 
