@@ -147,9 +147,11 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
       negative, positive = jax.lax.stop_gradient(
           noise_lib.gather_noise(new_noise, negative_rows, perturbing, settings.noise))
 
-      original_retain_logits = original_activation = None
+      original_retain_logits = original_retain_margins = original_activation = None
       if use_kl or use_retain_margin:
         original_retain_logits, _ = g(state.original_params, retain_images)
+      if use_retain_margin:
+        original_retain_margins = logit_margins(original_retain_logits, batch["retain_label"])
       if use_align and "forget_original_activation" in batch:
         # Precomputed once per image (the "features" activation, from the guidance pass).
         original_activation = batch["forget_original_activation"]
@@ -179,7 +181,7 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
           terms["kl"] = kl
         if use_retain_margin:
           retain_margin = margin_loss(retain_logits, batch["retain_label"],
-                                      logit_margins(original_retain_logits, batch["retain_label"]))
+                                      original_retain_margins)
           loss += settings.retain_margin_weight * retain_margin
           terms["retain_margin"] = retain_margin
         if use_align:
