@@ -72,7 +72,7 @@ def default_megu_config() -> ml_collections.ConfigDict:
   c.retain_weight = 1.0        # β
   c.kl_weight = 0.0            # α: KL(f_θ₀ ‖ f_θ) on retain images (> 0 keeps the class alive)
   # ν: Huber(margin_θ(x_r) − margin_θ₀(x_r)) on retain images. Lowering the forgotten images'
-  # margins tends to lower every margin; this holds the retained images' where θ₀ has them.
+  # margins moves the retained images' too; this holds them where θ₀ has them.
   c.retain_margin_weight = 0.0
   # μ: without it the noise pair does part of the forgetting for θ and the clean model ends up
   # less confident on forgotten images than a model that never saw them.
