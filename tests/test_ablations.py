@@ -24,10 +24,15 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
   assert list((tmp_path / "shared").glob("original_*")) and not (tmp_path / "models").exists()
   assert set(summary["rows"]) == {benchmark.cell_name("full_class", "3", 0),
                                   benchmark.cell_name("random", "20@1", 0)}
-  # A variant that restates the defaults is listed, not run again under another name.
+  # A variant that restates the defaults is listed, not run again under another name; so is one
+  # whose field the row's scenario replaces (the random scenario sets its own noise).
   assert summary["same_as_defaults"] == ["T: the default's"]
+  full, random = (summary["rows"][benchmark.cell_name(*row, 0)]
+                  for row in (("full_class", "3"), ("random", "20@1")))
+  assert full["same_as_defaults"] == [] and random["same_as_defaults"] == ["noise: none"]
+  assert set(full["methods"]) == {"original", "retrain", ablations.DEFAULTS, "noise: none"}
+  assert set(random["methods"]) == {"original", "retrain", ablations.DEFAULTS}
   for row in summary["rows"].values():
-    assert set(row["methods"]) == {"original", "retrain", ablations.DEFAULTS, "noise: none"}
     for entry in row["methods"].values():
       assert entry["ensemble_size"] == config.ensemble_size
       assert {"forget", "retain", "val"} <= set(entry["gaussian_kl"])
@@ -43,6 +48,7 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
   assert "| noise: none |" in table and "| retrain |" in table and "| original |" in table
   assert "on the forgotten training images / on unseen images like them: original " in table
   assert "whose settings they already are: T: the default's." in table
+  assert "where their settings are the defaults': noise: none." in table
   # A variant's runs are its own: the defaults' runs were not overwritten by the variants'.
   assert (tmp_path / "rows" / "full_class_3_seed0" / "runs" / "megu-noise_none").is_dir()
   assert (tmp_path / "rows" / "full_class_3_seed0" / "runs" / "megu").is_dir()
@@ -51,8 +57,26 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
 def test_every_listed_variant_names_real_megu_fields():
   from megu_jax.unlearning import megu
   fields = set(megu.default_megu_config().keys())
+  fields |= {f"random_scenario.{field}" for field in fields}
   for overrides in ablations.variants("t.npy").values():
     assert set(overrides) <= fields
+
+
+def test_the_noise_ablations_change_the_noise_in_every_scenario():
+  config = digits_config.get_config("quick")
+  table = ablations.variants(None)
+  full = benchmark.cell_config(config, "full_class", "3", seed=0)
+  random = benchmark.cell_config(config, "random", "20@1", seed=0)
+  # The defaults' noise differs between the scenarios (the pair; none in the random scenario),
+  # so "both" restates the defaults on one and "none" on the other; the halves change both.
+  assert ablations._same_settings(full, table["noise: both"])
+  assert not ablations._same_settings(random, table["noise: both"])
+  assert ablations._same_settings(random, table["noise: none"])
+  assert not ablations._same_settings(full, table["noise: none"])
+  for half in ("noise: negative only", "noise: positive only"):
+    assert not any(ablations._same_settings(cell, table[half]) for cell in (full, random))
+  # Settings a field's scenario does not use still count: T changes both.
+  assert not any(ablations._same_settings(cell, table["T: uniform"]) for cell in (full, random))
 
 
 def test_variants_from_the_command_line_and_their_bad_values():

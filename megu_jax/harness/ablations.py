@@ -15,6 +15,7 @@ missing.
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 from typing import Any
@@ -36,9 +37,12 @@ def variants(gemini_path: str | None) -> dict[str, dict]:
   """Name -> the ``config.megu`` fields it changes (the default is the first, unchanged)."""
   table = {
       DEFAULTS: {},
-      "noise: none": {"noise": "none"},
-      "noise: negative only": {"noise": "negative"},
-      "noise: positive only": {"noise": "positive"},
+      # The random scenario's own noise setting replaces ``noise`` there, so each noise
+      # variant sets both; "both" is the defaults' on the other scenarios and not run there.
+      "noise: both": _noise("both"),
+      "noise: none": _noise("none"),
+      "noise: negative only": _noise("negative"),
+      "noise: positive only": _noise("positive"),
       "T: uniform": {"transition": "uniform"},
       "T: prototype (MeGU's own sample)": {"transition": "prototype"},
       "T: hierarchy": {"transition": "hierarchy"},
@@ -48,6 +52,10 @@ def variants(gemini_path: str | None) -> dict[str, dict]:
   if gemini_path:
     table["T: gemini"] = {"transition": gemini_path}
   return table
+
+
+def _noise(mode: str) -> dict:
+  return {"noise": mode, "random_scenario.noise": mode}
 
 
 def parse_variants(text: str) -> dict[str, dict]:
@@ -111,17 +119,18 @@ def run(config, workdir: str, table: dict[str, dict],
     unknown = sorted(set(overrides) - known)
     if unknown:
       raise ValueError(f"variant {name!r} changes unknown config.megu field(s) {unknown}")
-  # A variant that only restates the config's settings would rerun the defaults under another
-  # name (and read as a difference where there is none): it is listed, not run.
-  same = [name for name, overrides in table.items()
-          if overrides and all(_setting(config.megu, field) == value
-                               for field, value in overrides.items())]
-  table = {name: overrides for name, overrides in table.items() if name not in same}
   rows = benchmark.parse_scenarios(config.benchmark_scenarios)
   cells = {row: benchmark.cell_config(config, *row, seed=config.seed) for row in rows}
   for cell in cells.values():
     with cell.unlocked():
       cell.methods = "original,retrain,megu"
+  # A variant whose settings on a row are the defaults' (it restates the config, or it changes
+  # a field that row's scenario replaces) would rerun the defaults under another name and read
+  # as a difference where there is none: it is listed for that row, not run there.
+  same_on = {row: [name for name, overrides in table.items()
+                   if overrides and _same_settings(cell, overrides)]
+             for row, cell in cells.items()}
+  same = [name for name in table if all(name in names for names in same_on.values())]
   checked = {row: ensemble.validate(cell) for row, cell in cells.items()}  # all before training
   size = int(config.ensemble_size)
   results: dict[str, Any] = {}
@@ -135,13 +144,17 @@ def run(config, workdir: str, table: dict[str, dict],
     for name in ("original", "retrain"):
       entries[name] = _entry(ens.reference_runs[name], ens, floor, oracle)
     for name, overrides in table.items():
+      if name in same_on[row]:
+        continue
       runs = ensemble.run_method_ensemble(ens, "megu", size, overrides=overrides,
                                           tag=f"megu-{_slug(name)}" if overrides else "megu")
       entries[name] = _entry(runs, ens, floor, oracle)
     results[benchmark.cell_name(*row, seed=config.seed)] = {
         "scenario": row[0], "forget": row[1], "ensemble_size": size, "methods": entries,
-        "margins": margin_gap(ens)}
-  summary = {"dataset": config.dataset, "ensemble_size": size, "variants": table,
+        "margins": margin_gap(ens),
+        "same_as_defaults": [name for name in same_on[row] if name not in same]}
+  summary = {"dataset": config.dataset, "ensemble_size": size,
+             "variants": {name: table[name] for name in table if name not in same},
              "same_as_defaults": same, "rows": results, "provenance": provenance.record()}
   io_utils.atomic_write_json(os.path.join(workdir, "ablations.json"), summary)
   io_utils.atomic_write_text(os.path.join(workdir, "ablations.md"), markdown(summary))
@@ -174,13 +187,17 @@ def margin_gap(ens) -> dict | None:
                  for name, values in by_split.items()} for role, by_split in per_model.items()}
 
 
-def _setting(section, field: str):
-  """``section``'s value of a (dotted) field; None where it has none."""
-  for part in field.split("."):
-    if part not in section:
-      return None
-    section = section[part]
-  return section
+def _same_settings(cell, overrides: dict) -> bool:
+  """Whether MeGU runs ``cell``'s row with the same settings with ``overrides`` as without."""
+  from megu_jax.unlearning import base, megu  # noqa: PLC0415
+  changed = copy.deepcopy(cell)
+  with changed.unlocked():
+    changed.megu = base.method_settings(changed, "megu", megu.default_megu_config())
+    ensemble.apply_overrides(changed.megu, overrides)
+  before, after = megu.megu_settings(cell).to_dict(), megu.megu_settings(changed).to_dict()
+  # random_scenario has been applied where it applies; elsewhere it changes nothing.
+  before.pop("random_scenario"), after.pop("random_scenario")
+  return before == after
 
 
 def _entry(runs, ens, floor_runs, oracle) -> dict:
@@ -221,6 +238,9 @@ def markdown(summary: dict) -> str:
                     f"{gap[role]['forgotten']['sd']:.2f} / {gap[role]['unseen']['mean']:.2f} ± "
                     f"{gap[role]['unseen']['sd']:.2f}" for role in ("original", "retrain"))
                 + ".", ""]
+    if row.get("same_as_defaults"):
+      lines += ["Not run on this row, where their settings are the defaults': "
+                + ", ".join(row["same_as_defaults"]) + ".", ""]
   if summary.get("same_as_defaults"):
     lines += ["Not run apart from the defaults, whose settings they already are: "
               + ", ".join(summary["same_as_defaults"]) + ".", ""]
