@@ -15,7 +15,8 @@ This module holds those tests, on the per-example *margin* of each model (`margi
     `google-deepmind/unlearning_evaluation`, `metric.py`), an empirical (epsilon, delta) of the best
     threshold attack telling the two samples apart, bucketed into points;
   * `bootstrap_ci`, `summarize`: mean and tail quantiles over examples with seeded percentile
-    bootstrap intervals, as JSON-ready numbers.
+    bootstrap intervals, as JSON-ready numbers; `paired_bootstrap_ci`: the interval of the
+    difference of two methods' statistic over the same examples.
 
 Arrays (host NumPy, float64; JAX arrays are accepted and copied):
 
@@ -53,6 +54,7 @@ __all__ = [
   "klom",
   "margins",
   "num_buckets",
+  "paired_bootstrap_ci",
   "summarize",
 ]
 
@@ -782,31 +784,79 @@ def bootstrap_ci(values: Any, statistic: Callable[..., Any], *, num_resamples: i
     (low, high), Python floats.
   """
   values = _check_per_example("values", values)
+  _check_bootstrap_settings(statistic, num_resamples, level)
+  statistics = _resampled_statistics((values,), lambda v: statistic(v, axis=-1),
+                                     num_resamples, seed)
+  return _percentile_interval(statistics, level)
+
+
+def paired_bootstrap_ci(values: Any, baseline: Any, statistic: Callable[..., Any], *,
+                        num_resamples: int = 1000, level: float = 0.95, seed: int = 0
+                        ) -> tuple[float, float]:
+  """Percentile-bootstrap interval of ``statistic(values) - statistic(baseline)``, paired.
+
+  Both are per-example values of the same examples (e.g. two methods' per-example KLoM against
+  one Retrain ensemble); every resample draws the same examples from both, so what the examples
+  share (how hard each one is) cancels and the interval is that of the difference alone. An
+  interval that excludes 0 says the two differ on these examples.
+
+  Args:
+    values, baseline: float [examples] each, finite, the same examples in the same order.
+    statistic: as in :func:`bootstrap_ci`.
+    num_resamples, level, seed: as in :func:`bootstrap_ci`.
+
+  Returns:
+    (low, high), Python floats.
+  """
+  values = _check_per_example("values", values)
+  baseline = _check_per_example("baseline", baseline)
+  if values.shape != baseline.shape:
+    raise EnsembleMetricInputError(
+        f"values and baseline must hold the same examples; got shapes {values.shape} and "
+        f"{baseline.shape}.")
+  _check_bootstrap_settings(statistic, num_resamples, level)
+  statistics = _resampled_statistics(
+      (values, baseline), lambda v, b: statistic(v, axis=-1) - statistic(b, axis=-1),
+      num_resamples, seed)
+  return _percentile_interval(statistics, level)
+
+
+def _check_bootstrap_settings(statistic, num_resamples, level) -> None:
   if not callable(statistic):
     raise EnsembleMetricInputError(f"statistic must be callable as statistic(array, axis=-1); got "
                      f"{statistic!r}.")
-  num_resamples = _check_int_at_least("num_resamples", num_resamples, 1)
+  _check_int_at_least("num_resamples", num_resamples, 1)
   if isinstance(level, (bool, np.bool_)) or not isinstance(level, (int, float, np.number)) or (
       not 0.0 < float(level) < 1.0):
     raise EnsembleMetricInputError(f"level must be a number in (0, 1); got {level!r}.")
+
+
+def _resampled_statistics(arrays: tuple[np.ndarray, ...], statistic: Callable[..., Any],
+                          num_resamples: int, seed: int) -> np.ndarray:
+  """``statistic`` of each resample: the same resampled examples from every array."""
   rng = np.random.default_rng(seed)
-  num_examples = values.size
+  num_examples = arrays[0].size
   # A [resamples, examples] index array for all resamples at once can be gigabytes; chunks of
   # resamples keep it small. The chunk size depends on the example count only, so a seed still
   # fixes the interval.
   chunk = max(1, _MAX_CHUNK_ENTRIES // num_examples)
   statistics = []
-  for start in range(0, num_resamples, chunk):
-    size = min(chunk, num_resamples - start)
-    resampled = values[rng.integers(0, num_examples, size=(size, num_examples))]
-    result = np.asarray(statistic(resampled, axis=-1), np.float64)
+  for start in range(0, int(num_resamples), chunk):
+    size = min(chunk, int(num_resamples) - start)
+    index = rng.integers(0, num_examples, size=(size, num_examples))
+    resampled = [array[index] for array in arrays]
+    result = np.asarray(statistic(*resampled), np.float64)
     if result.shape != (size,):
       raise EnsembleMetricInputError(
           f"statistic must reduce the last axis of its [resamples, examples] input to "
-          f"[resamples]; got shape {result.shape} from input shape {resampled.shape}.")
+          f"[resamples]; got shape {result.shape} from input shape {resampled[0].shape}.")
     statistics.append(result)
+  return np.concatenate(statistics)
+
+
+def _percentile_interval(statistics: np.ndarray, level: float) -> tuple[float, float]:
   tail = (1.0 - float(level)) / 2.0
-  low, high = np.quantile(np.concatenate(statistics), [tail, 1.0 - tail])
+  low, high = np.quantile(statistics, [tail, 1.0 - tail])
   return float(low), float(high)
 
 

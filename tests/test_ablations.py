@@ -9,6 +9,7 @@ from megu_jax import ensemble_metrics
 from megu_jax.configs import digits as digits_config
 from megu_jax.harness import ablations
 from megu_jax.harness import benchmark
+from megu_jax.harness import targets
 
 
 def test_variants_are_scored_per_row_against_retrain(tmp_path):
@@ -42,6 +43,19 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
     assert gap["original"]["forgotten"]["mean"] > gap["original"]["unseen"]["mean"]
     assert all(np.isfinite(gap[role][name][k]) for role in gap for name in gap[role]
                for k in ("mean", "sd"))
+  # Each variant is set against the defaults on the same examples: the paired difference of
+  # the row's headline statistic, inside its own interval.
+  paired = full["methods"]["noise: none"]["vs_defaults"]
+  assert (paired["family"], paired["statistic"]) == targets.headline_statistic(
+      [full], config.ensemble_size)
+  for split in ("forget", "retain", "val"):
+    value = full["methods"]["noise: none"][paired["family"]][split][paired["statistic"]]
+    defaults = full["methods"][ablations.DEFAULTS][paired["family"]][split][paired["statistic"]]
+    assert paired[split]["difference"] == pytest.approx(value - defaults)
+    low, high = paired[split]["ci95"]
+    assert low <= paired[split]["difference"] <= high
+  assert all("vs_defaults" not in row["methods"][name] for row in summary["rows"].values()
+             for name in ("original", "retrain", ablations.DEFAULTS))
   stored = json.loads((tmp_path / "ablations.json").read_text())
   assert stored["rows"]["full_class_3_seed0"]["methods"]["noise: none"]["forgetting_quality"]
   table = (tmp_path / "ablations.md").read_text()
@@ -49,6 +63,7 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
   assert "on the forgotten training images / on unseen images like them: original " in table
   assert "whose settings they already are: T: the default's." in table
   assert "where their settings are the defaults': noise: none." in table
+  assert "Each variant minus the defaults, paired over the same examples" in table
   # A variant's runs are its own: the defaults' runs were not overwritten by the variants'.
   assert (tmp_path / "rows" / "full_class_3_seed0" / "runs" / "megu-noise_none").is_dir()
   assert (tmp_path / "rows" / "full_class_3_seed0" / "runs" / "megu").is_dir()

@@ -444,6 +444,29 @@ def test_bootstrap_is_reproducible_and_checks_the_statistic():
     em.bootstrap_ci(np.array([1.0, np.nan]), np.mean)
 
 
+def test_paired_bootstrap_tells_a_small_shift_that_unpaired_intervals_cannot():
+  # Per-example values whose spread over examples (how hard each one is) dwarfs a 5 % shift:
+  # the two unpaired intervals overlap, the paired one of the difference excludes 0.
+  rng = np.random.default_rng(12)
+  hardness = rng.exponential(size=300)
+  baseline = hardness + rng.normal(0, 0.01, size=300)
+  shifted = 0.95 * hardness + rng.normal(0, 0.01, size=300)
+  a, b = em.bootstrap_ci(shifted, np.mean), em.bootstrap_ci(baseline, np.mean)
+  assert a[1] > b[0]
+  low, high = em.paired_bootstrap_ci(shifted, baseline, np.mean, seed=2)
+  assert low < shifted.mean() - baseline.mean() < high < 0
+  # The same values give an interval around 0; a seed fixes it; the two must match in shape.
+  low, high = em.paired_bootstrap_ci(baseline, baseline, np.mean)
+  assert low == high == 0.0
+  p95 = functools.partial(np.quantile, q=0.95)
+  assert (em.paired_bootstrap_ci(shifted, baseline, p95, seed=3)
+          == em.paired_bootstrap_ci(shifted, baseline, p95, seed=3))
+  with pytest.raises(ValueError, match="must hold the same examples"):
+    em.paired_bootstrap_ci(shifted, baseline[:-1], np.mean)
+  with pytest.raises(ValueError, match="baseline contains 1 NaN"):
+    em.paired_bootstrap_ci(np.ones(2), np.array([1.0, np.nan]), np.mean)
+
+
 def test_summarize_is_json_ready():
   values = np.random.default_rng(9).exponential(size=1000)
   summary = em.summarize(values, seed=1)

@@ -140,19 +140,24 @@ def run(config, workdir: str, table: dict[str, dict],
                                     checked[row])
     oracle = ens.oracle_margins
     floor = ens.reference_runs["retrain"]
-    entries = {}
+    entries, per_example = {}, {}
     for name in ("original", "retrain"):
-      entries[name] = _entry(ens.reference_runs[name], ens, floor, oracle)
+      entries[name], per_example[name] = _entry(ens.reference_runs[name], ens, floor, oracle)
     for name, overrides in table.items():
       if name in same_on[row]:
         continue
       runs = ensemble.run_method_ensemble(ens, "megu", size, overrides=overrides,
                                           tag=f"megu-{_slug(name)}" if overrides else "megu")
-      entries[name] = _entry(runs, ens, floor, oracle)
-    results[benchmark.cell_name(*row, seed=config.seed)] = {
-        "scenario": row[0], "forget": row[1], "ensemble_size": size, "methods": entries,
-        "margins": margin_gap(ens),
-        "same_as_defaults": [name for name in same_on[row] if name not in same]}
+      entries[name], per_example[name] = _entry(runs, ens, floor, oracle)
+    result = {"scenario": row[0], "forget": row[1], "ensemble_size": size, "methods": entries,
+              "margins": margin_gap(ens),
+              "same_as_defaults": [name for name in same_on[row] if name not in same]}
+    family, statistic = targets.headline_statistic([result], size)
+    for name in entries:
+      if name not in ("original", "retrain", DEFAULTS) and DEFAULTS in per_example:
+        entries[name]["vs_defaults"] = paired_difference(
+            per_example[name], per_example[DEFAULTS], family, statistic, seed=int(config.seed))
+    results[benchmark.cell_name(*row, seed=config.seed)] = result
   summary = {"dataset": config.dataset, "ensemble_size": size,
              "variants": {name: table[name] for name in table if name not in same},
              "same_as_defaults": same, "rows": results, "provenance": provenance.record()}
@@ -200,11 +205,36 @@ def _same_settings(cell, overrides: dict) -> bool:
   return before == after
 
 
-def _entry(runs, ens, floor_runs, oracle) -> dict:
+def _entry(runs, ens, floor_runs, oracle) -> tuple[dict, dict]:
+  """A method's summary (JSON-ready) and its per-example values (kept apart)."""
   entry = ensemble.summarize_method(runs, ens.oracle_runs, floor_runs, oracle,
                                     seed=int(ens.config.seed))
-  entry.pop("per_example", None)
-  return entry
+  return entry, entry.pop("per_example")
+
+
+_STATISTICS = {"mean": np.mean, "p95": lambda values, axis=-1: np.quantile(values, 0.95, axis=axis)}
+
+
+def paired_difference(per_example: dict, defaults: dict, family: str, statistic: str, *,
+                      seed: int = 0) -> dict:
+  """A variant's ``family`` ``statistic`` minus the defaults' on each split, with the paired
+  bootstrap's 95 % interval over the examples (both measured against the same Retrain models
+  from the same originals): an interval below 0 says the variant is closer to Retrain on that
+  split, above 0 further, across 0 that these examples cannot tell them apart."""
+  reduce = _STATISTICS[statistic]
+  out = {"family": family, "statistic": statistic}
+  for split in ("forget", "retain", "val"):
+    key = f"{family}_{split}"
+    mine, theirs = np.asarray(per_example[key]), np.asarray(defaults[key])
+    low, high = ensemble_metrics.paired_bootstrap_ci(mine, theirs, reduce, seed=seed)
+    out[split] = {"difference": float(reduce(mine) - reduce(theirs)), "ci95": [low, high]}
+  return out
+
+
+def _paired_cell(difference: dict) -> str:
+  low, high = difference["ci95"]
+  verdict = " closer" if high < 0 else " further" if low > 0 else ""
+  return f"{difference['difference']:+.3f} ({low:+.3f} to {high:+.3f}){verdict}"
 
 
 def markdown(summary: dict) -> str:
@@ -230,6 +260,16 @@ def markdown(summary: dict) -> str:
     lines += ["", "Floor's 95 % interval: " + ", ".join(
         f"{s} {floor[s][f'{statistic}_ci95'][0]:.3f}–{floor[s][f'{statistic}_ci95'][1]:.3f}"
         for s in ("forget", "retain", "val")) + ".", ""]
+    paired = {variant: entry["vs_defaults"] for variant, entry in row["methods"].items()
+              if "vs_defaults" in entry}
+    if paired:
+      lines += ["Each variant minus the defaults, paired over the same examples (95 % "
+                "bootstrap interval; closer or further from Retrain where it excludes 0):", "",
+                "| variant | forget | retain | val |", "|---|---|---|---|"]
+      for variant, difference in paired.items():
+        lines.append(f"| {variant} | " + " | ".join(
+            _paired_cell(difference[s]) for s in ("forget", "retain", "val")) + " |")
+      lines.append("")
     if row.get("margins"):
       gap = row["margins"]
       lines += ["Mean margin (± its standard deviation over the models) on the forgotten training "
