@@ -15,7 +15,9 @@ from megu_jax.harness import targets
 def test_variants_are_scored_per_row_against_retrain(tmp_path):
   config = digits_config.get_config("quick")
   chosen = {ablations.DEFAULTS: {}, "noise: none": {"noise": "none"},
-            "T: the default's": {"transition": config.megu.transition}}
+            "T: the default's": {"transition": config.megu.transition},
+            # digits has no grouping of its classes for the hierarchy T to read
+            "T: hierarchy": {"transition": "hierarchy"}}
   config.ensemble_size = ensemble_metrics.MIN_MODELS_FORGETTING
   config.ensemble_retain_examples, config.ensemble_val_examples = 100, 100
   config.benchmark_scenarios = "full_class:3;random:20@1"
@@ -34,6 +36,9 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
   assert set(full["methods"]) == {"original", "retrain", ablations.DEFAULTS, "noise: none"}
   assert set(random["methods"]) == {"original", "retrain", ablations.DEFAULTS}
   for row in summary["rows"].values():
+    # A variant a row cannot take is listed with its reason there; the others still ran.
+    assert list(row["not_applicable"]) == ["T: hierarchy"]
+    assert "superclass_of" in row["not_applicable"]["T: hierarchy"]
     for entry in row["methods"].values():
       assert entry["ensemble_size"] == config.ensemble_size
       assert {"forget", "retain", "val"} <= set(entry["gaussian_kl"])
@@ -64,6 +69,7 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
   assert "whose settings they already are: T: the default's." in table
   assert "where their settings are the defaults': noise: none." in table
   assert "Each variant minus the defaults, paired over the same examples" in table
+  assert "which its settings do not fit: T: hierarchy (config.megu.transition='hierarchy'" in table
   # A variant's runs are its own: the defaults' runs were not overwritten by the variants'.
   assert (tmp_path / "rows" / "full_class_3_seed0" / "runs" / "megu-noise_none").is_dir()
   assert (tmp_path / "rows" / "full_class_3_seed0" / "runs" / "megu").is_dir()

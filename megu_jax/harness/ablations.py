@@ -25,6 +25,7 @@ import numpy as np
 from megu_jax import ensemble_metrics
 from megu_jax import io_utils
 from megu_jax import train
+from megu_jax import unlearning
 from megu_jax.harness import benchmark
 from megu_jax.harness import ensemble
 from megu_jax.harness import provenance
@@ -143,15 +144,25 @@ def run(config, workdir: str, table: dict[str, dict],
     entries, per_example = {}, {}
     for name in ("original", "retrain"):
       entries[name], per_example[name] = _entry(ens.reference_runs[name], ens, floor, oracle)
+    not_applicable = {}
     for name, overrides in table.items():
       if name in same_on[row]:
         continue
-      runs = ensemble.run_method_ensemble(ens, "megu", size, overrides=overrides,
-                                          tag=f"megu-{_slug(name)}" if overrides else "megu")
+      try:
+        runs = ensemble.run_method_ensemble(ens, "megu", size, overrides=overrides,
+                                            tag=f"megu-{_slug(name)}" if overrides else "megu")
+      except unlearning.UnlearningInputError as error:
+        if not overrides:
+          raise  # the defaults themselves cannot run: there is nothing to compare against
+        # A setting some rows cannot take (the hierarchy T needs a grouping of the row's
+        # classes) is listed with its reason on those rows; the other variants still run.
+        not_applicable[name] = str(error)
+        continue
       entries[name], per_example[name] = _entry(runs, ens, floor, oracle)
     result = {"scenario": row[0], "forget": row[1], "ensemble_size": size, "methods": entries,
               "margins": margin_gap(ens),
-              "same_as_defaults": [name for name in same_on[row] if name not in same]}
+              "same_as_defaults": [name for name in same_on[row] if name not in same],
+              "not_applicable": not_applicable}
     family, statistic = targets.headline_statistic([result], size)
     for name in entries:
       if name not in ("original", "retrain", DEFAULTS) and DEFAULTS in per_example:
@@ -278,6 +289,8 @@ def markdown(summary: dict) -> str:
                     f"{gap[role]['forgotten']['sd']:.2f} / {gap[role]['unseen']['mean']:.2f} ± "
                     f"{gap[role]['unseen']['sd']:.2f}" for role in ("original", "retrain"))
                 + ".", ""]
+    for variant, reason in row.get("not_applicable", {}).items():
+      lines += [f"Not run on this row, which its settings do not fit: {variant} ({reason}).", ""]
     if row.get("same_as_defaults"):
       lines += ["Not run on this row, where their settings are the defaults': "
                 + ", ".join(row["same_as_defaults"]) + ".", ""]
