@@ -128,8 +128,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # No stopping rule: the unseen-image and retained-head rules each helped one full-class row
   # and hurt the other (stopping-rule tables).
   config.megu.calibration = "none"
-  # Random forgetting keeps the library's random_scenario (a tenth of the forget weight, lr 0.01,
-  # no noise): no variant moved random 100 off doing nothing (random-rules table).
+  # Random forgetting: the library's random_scenario (a tenth of the forget weight, lr 0.01, no
+  # noise) with margin targets, ν = 1 and 100 steps: forget closer than the label target on all
+  # three random rows with no split further (paired intervals, random-steps table); without ν
+  # retain and val moved further.
+  config.megu.random_scenario.forget_target = "non_member_margin"
+  config.megu.random_scenario.retain_margin_weight = 1.0
+  config.megu.random_scenario.steps = 100
   # The baselines' settings (docs/method.md §3), each overridable: --config.ssd.alpha=5 ...
   config.finetune = finetune.default_finetune_config()
   config.neggrad_plus = neggrad_plus.default_neggrad_plus_config()
