@@ -234,7 +234,7 @@ def paired_difference(per_example: dict, defaults: dict, family: str, statistic:
   split, above 0 further, across 0 that these examples cannot tell them apart."""
   reduce = _STATISTICS[statistic]
   out = {"family": family, "statistic": statistic}
-  for split in ("forget", "retain", "val"):
+  for split in ensemble.SPLITS:
     key = f"{family}_{split}"
     mine, theirs = np.asarray(per_example[key]), np.asarray(defaults[key])
     low, high = ensemble_metrics.paired_bootstrap_ci(mine, theirs, reduce, seed=seed)
@@ -260,7 +260,7 @@ def markdown(summary: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for variant, entry in row["methods"].items():
       checks = targets.against_floor(row, variant, family, statistic)
-      cells = [f"{checks[s]['value']:.3f}" for s in ("forget", "retain", "val")]
+      cells = [f"{checks[s]['value']:.3f}" for s in ensemble.SPLITS]
       met = [s for s, c in checks.items() if c["within_floor"]]
       accuracies = [f"{100 * entry[k]['mean']:.1f}"
                     for k in ("retain_test_acc", "forget_test_acc", "test_acc")]
@@ -270,7 +270,7 @@ def markdown(summary: dict) -> str:
     floor = row["methods"]["retrain"]["floor"][family]
     lines += ["", "Floor's 95 % interval: " + ", ".join(
         f"{s} {floor[s][f'{statistic}_ci95'][0]:.3f}–{floor[s][f'{statistic}_ci95'][1]:.3f}"
-        for s in ("forget", "retain", "val")) + ".", ""]
+        for s in ensemble.SPLITS) + ".", ""]
     paired = {variant: entry["vs_defaults"] for variant, entry in row["methods"].items()
               if "vs_defaults" in entry}
     if paired:
@@ -279,7 +279,7 @@ def markdown(summary: dict) -> str:
                 "| variant | forget | retain | val |", "|---|---|---|---|"]
       for variant, difference in paired.items():
         lines.append(f"| {variant} | " + " | ".join(
-            _paired_cell(difference[s]) for s in ("forget", "retain", "val")) + " |")
+            _paired_cell(difference[s]) for s in ensemble.SPLITS) + " |")
       lines.append("")
     if row.get("margins"):
       gap = row["margins"]
