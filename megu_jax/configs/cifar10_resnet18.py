@@ -25,6 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The small CNN's MeGU settings (its conv blocks frozen) name stages a ResNet does not have and
   # were measured on Fashion-MNIST only: the library defaults, which finetune every layer.
   config.megu = megu.default_megu_config()
+  # EU-k retrains the ResNet's last stage after layer4: its linear head.
+  config.eu_k.freeze_through = "layer4"
   # SSD's recipe: SGD 0.1, momentum 0.9, wd 5e-4, step decay x0.2; crop + flip.
   config.batch_size = 256
   config.eval_batch_size = 1000

@@ -27,6 +27,7 @@ import ml_collections
 from megu_jax import datasets
 
 from megu_jax.unlearning import bad_teacher
+from megu_jax.unlearning import eu_k
 from megu_jax.unlearning import finetune
 from megu_jax.unlearning import megu
 from megu_jax.unlearning import neggrad_plus
@@ -146,6 +147,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.ssd.selection_weighting = 100.0
   config.scrub = scrub.default_scrub_config()
   config.salun = salun.default_salun_config()
+  # EU-k retrains what MeGU finetunes (the feature layer and head) on the retain set.
+  config.eu_k = eu_k.default_eu_k_config()
   # SCRUB at SGD 5e-4 diverges to NaN on this CNN; 2e-4 is the largest stable rate measured.
   config.scrub.learning_rate = 2e-4
 

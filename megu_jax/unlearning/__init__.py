@@ -57,6 +57,7 @@ def method_names() -> tuple[str, ...]:
 # Importing the modules registers their methods; they import ``register`` from here, so this
 # comes last.
 from megu_jax.unlearning import bad_teacher  # noqa: E402,F401
+from megu_jax.unlearning import eu_k  # noqa: E402,F401
 from megu_jax.unlearning import finetune  # noqa: E402,F401
 from megu_jax.unlearning import megu  # noqa: E402,F401
 from megu_jax.unlearning import neggrad_plus  # noqa: E402,F401

@@ -12,6 +12,7 @@ model, normalisation and config.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -294,3 +295,79 @@ def frozen_logits(model: nn.Module, params: Any, batch_stats: Any, images: jax.A
   """Logits ``[B, K]`` with BatchNorm in inference mode (running statistics read, not updated)."""
   logits, _, _ = train.apply_model(model, params, batch_stats, images, train=False)
   return logits
+
+
+# --- retraining the stages after a frozen prefix ------------------------------------------------
+def used_by_stages_after(model: nn.Module, params: Any, batch_stats: Any, start: str,
+                         example_prefix: jax.Array) -> Any:
+  """A pytree of bools like ``params``: True where a leaf is read by the stages after ``start``.
+
+  Read off the traced computation (a leaf whose variable no operation uses is not read), so it
+  holds for any model that takes ``from_activation``.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  forward = lambda *flat: model.apply(
+      {"params": jax.tree.unflatten(treedef, flat), "batch_stats": batch_stats},
+      example_prefix, train=False, from_activation=start)[0]
+  jaxpr = jax.make_jaxpr(forward)(*leaves).jaxpr
+  read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+  read |= {id(v) for v in jaxpr.outvars}
+  return jax.tree.unflatten(treedef, [id(v) in read for v in jaxpr.invars])
+
+
+def retrain_stages_after(trained: train.Trained, start: str, inputs: np.ndarray,
+                         labels: np.ndarray, example_images: np.ndarray, *, epochs: int,
+                         key: jax.Array, timings: dict | None = None) -> Any:
+  """θ₀'s parameters with the stages after ``start`` retrained from scratch on ``inputs``.
+
+  ``inputs`` are θ₀'s outputs of stage ``start`` (the frozen prefix) for the images labelled
+  ``labels``; ``example_images``, any image(s) of the data set, for the model's initialisation.
+  The later stages start from the model's own initialisation (key ``key``) and train
+  for ``epochs`` epochs with the original recipe's optimiser, batch size and schedule, BatchNorm
+  in inference mode with θ₀'s statistics; every other parameter is θ₀'s. One device: the stages
+  are small. The first epoch's time (its compilation) goes to ``timings["compile_s"]``.
+  """
+  recipe = copy.deepcopy(trained.config)
+  with recipe.unlocked():
+    recipe.epochs = int(epochs)  # the schedule spans these epochs
+  batch_size = min(int(recipe.batch_size), len(labels))
+  steps_per_epoch = len(labels) // batch_size
+  tx = train.make_training_optimizer(recipe, steps_per_epoch)
+  init_key, order_key = jax.random.split(key)
+  batch_stats = trained.state.batch_stats
+  inputs = jnp.asarray(inputs)
+  labels = jnp.asarray(labels, jnp.int32)
+  used = used_by_stages_after(trained.model, trained.state.params, batch_stats, start,
+                              inputs[:1])
+  example = train.prepare_images({"image": np.asarray(example_images[:1])}, None, trained.mean,
+                                 trained.std)
+  fresh = trained.model.init(init_key, example, train=False)["params"]
+  params = jax.tree.map(lambda u, new, old: new if u else jnp.asarray(old), used, fresh,
+                        trained.state.params)
+  forward = lambda p, x: trained.model.apply({"params": p, "batch_stats": batch_stats}, x,
+                                             train=False, from_activation=start)[0]
+
+  def one_epoch(params, opt_state, order):
+    def body(carry, rows):
+      params, opt_state = carry
+      grads = jax.grad(lambda p: train.cross_entropy(forward(p, inputs[rows]),
+                                                     labels[rows]))(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      # Only the retrained stages move: θ₀'s prefix would otherwise decay with the weights.
+      updates = jax.tree.map(lambda u, d: d if u else jnp.zeros_like(d), used, updates)
+      return (optax.apply_updates(params, updates), opt_state), None
+    (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), order)
+    return params, opt_state
+
+  opt_state = tx.init(params)
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(order_key)).ravel().tolist())
+  orders = [rng.permutation(len(labels))[:steps_per_epoch * batch_size]
+            .reshape(steps_per_epoch, batch_size).astype(np.int32) for _ in range(epochs)]
+  start_time = time.perf_counter()
+  epoch = jax.jit(one_epoch)
+  params, opt_state = jax.block_until_ready(epoch(params, opt_state, orders[0]))
+  if timings is not None:
+    timings["compile_s"] = timings.get("compile_s", 0.0) + time.perf_counter() - start_time
+  for order in orders[1:]:
+    params, opt_state = epoch(params, opt_state, order)
+  return jax.block_until_ready(params)

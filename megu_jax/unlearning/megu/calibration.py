@@ -22,7 +22,6 @@ minus its target; ≤ 0 when the rule stopped on it) and, for ``retained_head``,
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import time
 from typing import Callable
@@ -31,12 +30,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from megu_jax import parallel
 from megu_jax import train
-from megu_jax.unlearning.base import UnlearnData, run_phase_once_compiled
-from megu_jax.unlearning.megu.steps import _network, make_margin_fn
+from megu_jax.unlearning.base import (UnlearnData, retrain_stages_after,
+                                      run_phase_once_compiled)
+from megu_jax.unlearning.megu.steps import make_margin_fn
 
 CALIBRATIONS = ("none", "non_member_margin", "retained_head")
 
@@ -68,40 +67,9 @@ def retained_head_margins(trained: train.Trained, settings: ml_collections.Confi
   statistics as in MeGU's own steps. Runs on one device: the head is small. The compilation's
   time goes to ``timings["compile_s"]``.
   """
-  recipe = copy.deepcopy(trained.config)
-  with recipe.unlocked():
-    recipe.epochs = int(settings.calibration_epochs or recipe.epochs)
-  batch_size = min(int(recipe.batch_size), len(retain_labels))
-  steps_per_epoch = len(retain_labels) // batch_size
-  tx = train.make_training_optimizer(recipe, steps_per_epoch)
-  init_key, order_key = jax.random.split(key)
-  images = train.prepare_images({"image": np.asarray(example_images[:1])}, None, trained.mean,
-                                trained.std)
-  init = lambda k, x: trained.model.init(k, x, train=False)["params"]
-  _, params = first_call_timed(init, (init_key, images), timings)
-  g, _ = _network(trained.model, settings.activation, trained.state.batch_stats,
-                  settings.freeze_through)
-  inputs = jnp.asarray(retain_prefix)
-  labels = jnp.asarray(retain_labels, jnp.int32)
-
-  def one_epoch(params, opt_state, order):
-    def body(carry, rows):
-      params, opt_state = carry
-      grads = jax.grad(lambda p: train.cross_entropy(g(p, inputs[rows])[0], labels[rows]))(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), None
-    (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), order)
-    return params, opt_state
-
-  opt_state = tx.init(params)
-  rng = np.random.default_rng(np.asarray(jax.random.key_data(order_key)).ravel().tolist())
-  orders = [rng.permutation(len(retain_labels))[:steps_per_epoch * batch_size]
-            .reshape(steps_per_epoch, batch_size).astype(np.int32)
-            for _ in range(recipe.epochs)]
-  epoch, (params, opt_state) = first_call_timed(one_epoch, (params, opt_state, orders[0]),
-                                                timings)
-  for order in orders[1:]:
-    params, opt_state = epoch(params, opt_state, order)
+  params = retrain_stages_after(
+      trained, settings.freeze_through, retain_prefix, retain_labels, example_images,
+      epochs=int(settings.calibration_epochs or trained.config.epochs), key=key, timings=timings)
   margins = make_margin_fn(trained.model, settings, trained.state.batch_stats)
   _, forget_margins = first_call_timed(margins, (params, jnp.asarray(forget_prefix),
                                                  jnp.asarray(forget_labels, jnp.int32)), timings)
@@ -145,15 +113,27 @@ def stopping_gap(trained: train.Trained, settings, dp, forget_data: UnlearnData,
   retained = UnlearnData(retain_data.images[retain_rows], retain_data.labels[retain_rows],
                          retain_data.indices[retain_rows])
   retain_prefix = margin_inputs(trained, settings, dp, retained, None, timings)
-  # Each head's own initialisation and data order; their mean target varies less between runs.
-  target = float(np.mean([np.mean(retained_head_margins(
+  target = float(np.mean(stand_in_margins(
       trained, settings, retain_prefix, retained.labels, np.asarray(forget_inputs),
-      forget_data.labels, forget_data.images[:1], head_key, timings))
-      for head_key in _head_keys(key, settings.calibration_heads)]))
+      forget_data.labels, forget_data.images[:1], key, timings)))
   timings["calibration_s"] = (timings.get("calibration_s", 0.0) + time.perf_counter() - start
                               - (timings.get("compile_s", 0.0) - compile_before))
   timings["calibration_target"] = target
   return (lambda params: forget_mean(params) - target), settings.calibration_every
+
+
+def stand_in_margins(trained: train.Trained, settings: ml_collections.ConfigDict,
+                     retain_prefix: np.ndarray, retain_labels: np.ndarray,
+                     scored_prefix: np.ndarray, scored_labels: np.ndarray,
+                     example_images: np.ndarray, key: jax.Array,
+                     timings: dict | None = None) -> np.ndarray:
+  """float64 [N]: the margins of ``scored_prefix`` (labels ``scored_labels``) under the stand-in
+  for Retrain, averaged over ``settings.calibration_heads`` heads (:func:`retained_head_margins`),
+  each from its own initialisation and data order; the mean varies less between runs."""
+  return np.mean([retained_head_margins(trained, settings, retain_prefix, retain_labels,
+                                        scored_prefix, scored_labels, example_images, head_key,
+                                        timings)
+                  for head_key in _head_keys(key, settings.calibration_heads)], axis=0)
 
 
 def _head_keys(key: jax.Array, heads: int) -> list[jax.Array]:
