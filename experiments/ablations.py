@@ -7,7 +7,8 @@ r"""MeGU's ablations (or any variants of its settings) against Retrain's distrib
 Without ``--variants`` it runs the ablations of docs/method.md §2, step 6 (megu_jax/harness/
 ablations.py); ``--variants="tau 0.7:guidance_temperature=0.7;no align:align_weight=0"`` runs
 those instead (beside the defaults); ``--add_variants`` (same form) runs them beside the ablations.
-``--gemini=PATH`` adds a Gemini T. Writes ablations.json and
+``--gemini=PATH`` adds a Gemini T; ``--beside=eu_k,neggrad_plus`` scores those baselines beside
+the variants, from the same originals. Writes ablations.json and
 ablations.md into the workdir; trained models and finished runs are reused.
 ``--models_root=DIR`` shares trained models with other runs (default WORKDIR/models).
 """
@@ -25,6 +26,8 @@ _VARIANTS = flags.DEFINE_string("variants", None,
                                 "NAME:field=value[,field=value];... instead of the ablations.")
 _ADD_VARIANTS = flags.DEFINE_string("add_variants", None,
                                     "NAME:field=value[,field=value];... beside the ablations.")
+_BESIDE = flags.DEFINE_list("beside", [], "Registered baselines (e.g. eu_k,neggrad_plus) to run "
+                            "from the same originals and score beside the variants.")
 _MODELS_ROOT = flags.DEFINE_string("models_root", None,
                                    "Where the trained models live (default: WORKDIR/models).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -32,7 +35,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main():
   table = ablations.variant_table(_VARIANTS.value, _ADD_VARIANTS.value, _GEMINI.value)
-  summary = ablations.run(_CONFIG.value, _WORKDIR.value, table, models_root=_MODELS_ROOT.value)
+  summary = ablations.run(_CONFIG.value, _WORKDIR.value, table, models_root=_MODELS_ROOT.value,
+                          beside=tuple(_BESIDE.value))
   print(ablations.markdown(summary))
 
 

@@ -22,7 +22,8 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
   config.ensemble_retain_examples, config.ensemble_val_examples = 100, 100
   config.benchmark_scenarios = "full_class:3;random:20@1"
   config.train_subset = 1200  # the rest of the pool: unseen images for the margin gap
-  summary = ablations.run(config, str(tmp_path), chosen, models_root=str(tmp_path / "shared"))
+  summary = ablations.run(config, str(tmp_path), chosen, models_root=str(tmp_path / "shared"),
+                          beside=("eu_k",))
   # The models went where they were asked to, to be shared with other workdirs.
   assert list((tmp_path / "shared").glob("original_*")) and not (tmp_path / "models").exists()
   assert set(summary["rows"]) == {benchmark.cell_name("full_class", "3", 0),
@@ -33,8 +34,11 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
   full, random = (summary["rows"][benchmark.cell_name(*row, 0)]
                   for row in (("full_class", "3"), ("random", "20@1")))
   assert full["same_as_defaults"] == [] and random["same_as_defaults"] == ["noise: none"]
-  assert set(full["methods"]) == {"original", "retrain", ablations.DEFAULTS, "noise: none"}
-  assert set(random["methods"]) == {"original", "retrain", ablations.DEFAULTS}
+  # A baseline named beside runs from the same originals on every row.
+  assert set(full["methods"]) == {"original", "retrain", "eu_k", ablations.DEFAULTS,
+                                  "noise: none"}
+  assert set(random["methods"]) == {"original", "retrain", "eu_k", ablations.DEFAULTS}
+  assert summary["beside"] == ["eu_k"]
   for row in summary["rows"].values():
     # A variant a row cannot take is listed with its reason there; the others still ran.
     assert list(row["not_applicable"]) == ["T: hierarchy"]
@@ -60,11 +64,12 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
     low, high = paired[split]["ci95"]
     assert low <= paired[split]["difference"] <= high
   assert all("vs_defaults" not in row["methods"][name] for row in summary["rows"].values()
-             for name in ("original", "retrain", ablations.DEFAULTS))
+             for name in ("original", "retrain", "eu_k", ablations.DEFAULTS))
   stored = json.loads((tmp_path / "ablations.json").read_text())
   assert stored["rows"]["full_class_3_seed0"]["methods"]["noise: none"]["forgetting_quality"]
   table = (tmp_path / "ablations.md").read_text()
   assert "| noise: none |" in table and "| retrain |" in table and "| original |" in table
+  assert "| eu_k |" in table
   assert "on the forgotten training images / on unseen images like them: original " in table
   assert "whose settings they already are: T: the default's." in table
   assert "where their settings are the defaults': noise: none." in table
@@ -111,6 +116,10 @@ def test_variants_from_the_command_line_and_their_bad_values():
     ablations.run(config, "/nonexistent", {"bad": {"tau": 1}})
   with pytest.raises(ValueError, match=r"unknown config.megu field\(s\) \['random_scenario.tau'\]"):
     ablations.run(config, "/nonexistent", {"bad": {"random_scenario.tau": 1}})
+  with pytest.raises(ValueError, match="unknown unlearning method 'eu'"):
+    ablations.run(config, "/nonexistent", {}, beside=("eu",))
+  with pytest.raises(ValueError, match="--beside 'megu': that row is already in the table"):
+    ablations.run(config, "/nonexistent", {}, beside=("megu",))
 
 
 def test_added_variants_run_beside_the_ablations_and_not_with_variants():

@@ -109,8 +109,14 @@ def _slug(name: str) -> str:
 
 
 def run(config, workdir: str, table: dict[str, dict],
-        models_root: str | None = None) -> dict[str, Any]:
-  """Every variant of ``table`` on every row of ``config.benchmark_scenarios``."""
+        models_root: str | None = None, beside: tuple[str, ...] = ()) -> dict[str, Any]:
+  """Every variant of ``table`` on every row of ``config.benchmark_scenarios``; the registered
+  methods named in ``beside`` (at their config's settings) run from the same originals and are
+  scored beside them."""
+  for name in beside:
+    unlearning.get_method(name)  # an unknown name fails here, listing the registered ones
+    if name in table or name in ("original", "retrain", "megu"):
+      raise ValueError(f"--beside {name!r}: that row is already in the table; name a baseline")
   from megu_jax.unlearning import megu  # noqa: PLC0415
   defaults = megu.default_megu_config()
   # random_scenario may replace any field of MeGU's (megu_settings checks the same).
@@ -144,6 +150,9 @@ def run(config, workdir: str, table: dict[str, dict],
     entries, per_example = {}, {}
     for name in ("original", "retrain"):
       entries[name], per_example[name] = _entry(ens.reference_runs[name], ens, floor, oracle)
+    for name in beside:
+      entries[name], per_example[name] = _entry(ensemble.run_method_ensemble(ens, name, size),
+                                                ens, floor, oracle)
     not_applicable = {}
     for name, overrides in table.items():
       if name in same_on[row]:
@@ -165,11 +174,11 @@ def run(config, workdir: str, table: dict[str, dict],
               "not_applicable": not_applicable}
     family, statistic = targets.headline_statistic([result], size)
     for name in entries:
-      if name not in ("original", "retrain", DEFAULTS) and DEFAULTS in per_example:
+      if name not in ("original", "retrain", DEFAULTS, *beside) and DEFAULTS in per_example:
         entries[name]["vs_defaults"] = paired_difference(
             per_example[name], per_example[DEFAULTS], family, statistic, seed=int(config.seed))
     results[benchmark.cell_name(*row, seed=config.seed)] = result
-  summary = {"dataset": config.dataset, "ensemble_size": size,
+  summary = {"dataset": config.dataset, "ensemble_size": size, "beside": list(beside),
              "variants": {name: table[name] for name in table if name not in same},
              "same_as_defaults": same, "rows": results, "provenance": provenance.record()}
   io_utils.atomic_write_json(os.path.join(workdir, "ablations.json"), summary)
