@@ -262,10 +262,12 @@ def test_receiving_retain_rows_fill_their_share_of_every_batch_and_zero_changes_
   from megu_jax.unlearning.megu import method  # pylint: disable=import-outside-toplevel
   # A new entry needs its own check that its value changes nothing (own_class_after_guidance:
   # test_megu_labels.py, False takes the unchanged branch of guided_log_rows; retain_margin_weight:
-  # test_the_retain_margin_term_keeps_the_retained_margins_closer_to_the_original, 0 adds no term).
+  # test_the_retain_margin_term_keeps_the_retained_margins_closer_to_the_original, 0 adds no term;
+  # retain_margin_source: "original" is ν's θ₀ target, the only one before the field existed).
   assert megu_lib.NO_OP_VALUES == {"receiving_retain_fraction": 0.0,
                                    "own_class_after_guidance": False,
-                                   "retain_margin_weight": 0.0}
+                                   "retain_margin_weight": 0.0,
+                                   "retain_margin_source": "original"}
   assert megu_lib.default_megu_config().receiving_retain_fraction == 0.0
   labels = np.repeat(np.arange(5), 40)
   # Each "image" is its own row number, so a batch shows which rows it drew.
@@ -545,3 +547,62 @@ def test_calibration_heads_must_be_positive(digits, trained, split, no_compute):
 def metrics_margins(model, data):
   from megu_jax import ensemble_metrics  # pylint: disable=import-outside-toplevel
   return ensemble_metrics.margins(train.predict(model, data.images)["logits"], data.labels)
+
+
+# --- the stand-in's margin targets (forget_target="retained_head_margin") ----------------------
+def test_stand_in_targets_bring_forgotten_and_retained_margins_to_the_stand_ins(digits, trained,
+                                                                               split):
+  forget, retain = unlearn_data(digits, split)
+  config = experiment_config(forget_target="retained_head_margin", freeze_through="block3",
+                             retain_margin_weight=1.0, retain_margin_source="retained_head")
+  guidance = megu_lib.machine_guidance(trained, forget, retain, config, jax.random.key(0))
+  forget_target, retain_target = guidance.forget_target_margins, guidance.retain_target_margins
+  assert forget_target.shape == (len(forget),) and retain_target.shape == (len(retain),)
+  # The stand-in never saw the class: it calls none of its images by it. Without the forgotten
+  # class as a competitor it is surer of the retained images than the original.
+  assert np.all(forget_target < 0)
+  assert retain_target.mean() > metrics_margins(trained, retain).mean() + 0.5
+  unlearned = megu_lib.megu(trained, forget, retain, config, jax.random.key(0))
+  distance = lambda model, data, target: np.abs(metrics_margins(model, data) - target).mean()
+  before, after = (distance(model, forget, forget_target) for model in (trained, unlearned))
+  assert after < before / 4, (before, after)
+  # The retained images move by less than a unit each: their mean reaches the stand-in's and
+  # each image comes closer to its own target.
+  before, after = (distance(model, retain, retain_target) for model in (trained, unlearned))
+  assert after < 0.85 * before, (before, after)
+  assert abs(metrics_margins(unlearned, retain).mean() - retain_target.mean()) < 0.2
+  # Without ν's stand-in source, the guidance trains no retained targets.
+  config.megu.retain_margin_source = "original"
+  assert megu_lib.machine_guidance(trained, forget, retain, config,
+                                   jax.random.key(0)).retain_target_margins is None
+
+
+def test_stand_in_targets_keep_the_label_draw_and_average_their_heads(digits, trained, split):
+  forget, retain = unlearn_data(digits, split)
+  plain = megu_lib.machine_guidance(trained, forget, retain, experiment_config(
+      freeze_through="block3"), jax.random.key(0))
+  one, two = (megu_lib.machine_guidance(trained, forget, retain, experiment_config(
+      forget_target="retained_head_margin", freeze_through="block3", calibration_heads=heads,
+      calibration_epochs=2), jax.random.key(0)) for heads in (1, 2))
+  # The heads' key is folded apart from the labels': the perturbing labels are unchanged.
+  np.testing.assert_array_equal(plain.perturbing_labels, one.perturbing_labels)
+  assert plain.forget_target_margins is None
+  # The second head differs from the first; two heads give the mean of both.
+  assert not np.allclose(one.forget_target_margins, two.forget_target_margins)
+  assert np.std(two.forget_target_margins) > 0
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"forget_target": "retained_head_margin"},
+     "forget_target='retained_head_margin' needs config.megu.freeze_through"),
+    ({"retain_margin_source": "retained_head", "retain_margin_weight": 1.0},
+     "retain_margin_source='retained_head' reads the stand-in heads"),
+    ({"retain_margin_source": "head"}, "retain_margin_source='head'"),
+    ({"forget_target": "retained_head_margin", "freeze_through": "block3",
+      "calibration_heads": 0}, "calibration_heads=0 must be >= 1"),
+])
+def test_stand_in_target_settings_are_checked_before_any_compute(digits, trained, split,
+                                                                 no_compute, fields, message):
+  forget, retain = unlearn_data(digits, split)
+  with pytest.raises(unlearning.UnlearningInputError, match=message):
+    megu_lib.megu(trained, forget, retain, experiment_config(**fields), jax.random.key(0))

@@ -22,7 +22,8 @@ NOISE_SCHEDULES = ("before", "alternating")
 NOISE_PER = ("class", "sample", "auto")
 LABEL_MODES = ("sample", "argmax")
 LABEL_GUIDANCE = ("transition", "transition_x_model")
-FORGET_TARGETS = ("label", "distribution", "non_member_margin")
+FORGET_TARGETS = ("label", "distribution", "non_member_margin", "retained_head_margin")
+RETAIN_MARGIN_SOURCES = ("original", "retained_head")
 
 
 class MissingTransitionFileError(UnlearningInputError, FileNotFoundError):
@@ -41,6 +42,9 @@ def default_megu_config() -> ml_collections.ConfigDict:
   # ỹ is drawn from (after the guidance below); ỹ then only picks each sample's δ⁺.
   # non_member_margin: it regresses each image's margin onto the original's margin on an unseen
   # image of its class at the same rank (targets.py; needs non_members; random forgetting only).
+  # retained_head_margin: it regresses each image's margin onto the margin a stand-in for Retrain
+  # gives it: the stages after freeze_through retrained from scratch on θ₀'s prefix outputs of
+  # the retained images (calibration.py; calibration_heads heads of calibration_epochs each).
   c.forget_target = "label"
   # transition: row = T[y]. transition_x_model: row ∝ T[y] · p_θ₀(·|x)^(1/guidance_temperature),
   # the original model's opinion of where this image would go (own class excluded): each image
@@ -74,6 +78,9 @@ def default_megu_config() -> ml_collections.ConfigDict:
   # ν: Huber(margin_θ(x_r) − margin_θ₀(x_r)) on retain images. Lowering the forgotten images'
   # margins moves the retained images' too; this holds them where θ₀ has them.
   c.retain_margin_weight = 0.0
+  # Where ν's retained margins come from: original (θ₀'s), or retained_head (the stand-in's of
+  # forget_target="retained_head_margin", which never had the forgotten images as competitors).
+  c.retain_margin_source = "original"
   # μ: without it the noise pair does part of the forgetting for θ and the clean model ends up
   # less confident on forgotten images than a model that never saw them.
   c.align_weight = 1.0
@@ -119,7 +126,7 @@ def default_megu_config() -> ml_collections.ConfigDict:
 # before they existed (tests/test_megu.py checks that it does): a table recorded without such a
 # field ran with this value.
 NO_OP_VALUES = {"receiving_retain_fraction": 0.0, "own_class_after_guidance": False,
-                "retain_margin_weight": 0.0}
+                "retain_margin_weight": 0.0, "retain_margin_source": "original"}
 
 
 def megu_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -166,6 +173,16 @@ def validate_settings(settings: ml_collections.ConfigDict, trained: train.Traine
   check_choice(f("label_guidance"), settings.label_guidance, LABEL_GUIDANCE)
   check_choice(f("forget_target"), settings.forget_target, FORGET_TARGETS)
   check_choice(f("calibration"), settings.calibration, CALIBRATIONS)
+  check_choice(f("retain_margin_source"), settings.retain_margin_source, RETAIN_MARGIN_SOURCES)
+  if settings.retain_margin_source == "retained_head" and (
+      settings.forget_target != "retained_head_margin"):
+    raise UnlearningInputError(
+        f"{f('retain_margin_source')}='retained_head' reads the stand-in heads of "
+        f"{f('forget_target')}='retained_head_margin' (now {settings.forget_target!r})")
+  if settings.forget_target == "retained_head_margin" and not settings.freeze_through:
+    raise UnlearningInputError(
+        f"{f('forget_target')}='retained_head_margin' needs {f('freeze_through')}: its stand-in "
+        "retrains the stages after the frozen prefix (with none frozen it would be Retrain)")
   if not 0.0 <= settings.receiving_retain_fraction <= 1.0:
     raise UnlearningInputError(
         f"{f('receiving_retain_fraction')}={settings.receiving_retain_fraction!r} must be in "
@@ -209,6 +226,9 @@ def validate_settings(settings: ml_collections.ConfigDict, trained: train.Traine
       raise UnlearningInputError(
           f"{f('calibration_max_steps')}={settings.calibration_max_steps} must be at least "
           f"{f('steps')}={settings.steps}")
+  if settings.forget_target == "retained_head_margin" and settings.calibration_heads < 1:
+    raise UnlearningInputError(f"{f('calibration_heads')}={settings.calibration_heads} must be "
+                               ">= 1 for forget_target='retained_head_margin'")
   for name in ("forget_batch_size", "retain_batch_size"):
     if settings[name] == 0 or settings[name] % num_devices:
       raise UnlearningInputError(

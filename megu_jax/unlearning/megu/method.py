@@ -82,19 +82,24 @@ def receiving_retain_rows(retain_labels: np.ndarray, perturbing: np.ndarray,
 
 
 def _retain_batches(rng, retain_rows, retain_data, batch_size, num_steps, receiving=None,
-                    receiving_count=0):
+                    receiving_count=0, target_margins=None):
   """Retain batches: successive shuffles of ``retain_rows``; with ``receiving`` (positions into
   ``retain_rows`` and their probabilities), the first ``receiving_count`` rows of every batch are
-  drawn from those instead. With none the draw is the uniform one alone."""
-  rows = retain_rows[row_stream(rng, len(retain_rows), batch_size * num_steps)]
-  rows = rows.reshape(num_steps, batch_size)
+  drawn from those instead. With none the draw is the uniform one alone. ``target_margins``
+  (aligned with ``retain_rows``) adds each row's ``retain_target_margin``."""
+  positions = row_stream(rng, len(retain_rows), batch_size * num_steps)
+  positions = positions.reshape(num_steps, batch_size)
   if receiving_count:
-    positions, p = receiving
-    rows[:, :receiving_count] = retain_rows[rng.choice(positions, (num_steps, receiving_count),
-                                                       p=p)]
-  for step_rows in rows:
-    yield {"retain_image": retain_data.images[step_rows],
-           "retain_label": retain_data.labels[step_rows]}
+    receiving_positions, p = receiving
+    positions[:, :receiving_count] = rng.choice(receiving_positions,
+                                                (num_steps, receiving_count), p=p)
+  for step_positions in positions:
+    step_rows = retain_rows[step_positions]
+    batch = {"retain_image": retain_data.images[step_rows],
+             "retain_label": retain_data.labels[step_rows]}
+    if target_margins is not None:
+      batch["retain_target_margin"] = target_margins[step_positions]
+    yield batch
 
 
 class Guidance(NamedTuple):
@@ -106,8 +111,12 @@ class Guidance(NamedTuple):
   # (else empty): "features" [N_f, D], and the output of freeze_through when set.
   forget_activations: dict[str, np.ndarray]
   forget_targets: np.ndarray | None    # float32 [N_f, K] for forget_target="distribution"
-  # float32 [N_f] for forget_target="non_member_margin": each image's target margin.
+  # float32 [N_f] for forget_target="non_member_margin" or "retained_head_margin": each image's
+  # target margin.
   forget_target_margins: np.ndarray | None = None
+  # float32 [R], aligned with retain_rows, for retain_margin_source="retained_head": each
+  # retained image's margin under the stand-in, ν's target.
+  retain_target_margins: np.ndarray | None = None
 
 
 def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnData,
@@ -119,7 +128,8 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
   """What MeGU decides before any finetuning (a :class:`Guidance`): T, the perturbing labels,
   the retain rows, and what the original model's pass over the forget images left for the steps.
   ``non_members`` (unseen images of the forgotten classes) is read by
-  ``forget_target="non_member_margin"`` alone.
+  ``forget_target="non_member_margin"`` alone. ``forget_target="retained_head_margin"`` trains
+  its stand-in heads here (calibration.py), from a key of their own folded from ``key``.
 
   Public so that a report can show (e.g. plot) exactly the T that a run used. ``timings`` (if
   given) receives the ``compile_s`` of the forward pass and of the label draw, when this call
@@ -139,7 +149,7 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
   forget_activations = {}
   noise_first = settings.noise != "none" and settings.noise_schedule == "before"
   prefix = (settings.freeze_through,) if settings.freeze_through else ()
-  margin_targets = settings.forget_target == "non_member_margin"
+  margin_targets = settings.forget_target in ("non_member_margin", "retained_head_margin")
   if (need_prototypes or need_guidance or settings.align_weight > 0 or noise_first
       or settings.freeze_through or margin_targets):
     # One pass of the original model over the forget images (and, for the prototypes, a
@@ -167,14 +177,37 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
                   timings=timings)
   perturbing = draw_perturbing_labels(key, T, forget_data.labels, forget_data.indices,
                                       mode=settings.label_mode, **guidance)
-  targets = target_margins = None
+  targets = target_margins = retain_target_margins = None
   if settings.forget_target == "distribution":
     targets = guided_distribution(T, forget_data.labels, **guidance)
-  if margin_targets:
+  if settings.forget_target == "non_member_margin":
     non_member_logits = train.predict(trained, non_members.images, 1000, dp, timings)["logits"]
     target_margins = non_member_margin_targets(forget_logits, forget_data.labels,
                                                non_member_logits, non_members.labels)
-  return Guidance(T, perturbing, retain_rows, forget_activations, targets, target_margins)
+  if settings.forget_target == "retained_head_margin":
+    target_margins, retain_target_margins = _stand_in_targets(
+        trained, settings, dp, forget_data, forget_activations[settings.freeze_through],
+        retain_data, retain_rows, jax.random.fold_in(key, 1), timings)
+  return Guidance(T, perturbing, retain_rows, forget_activations, targets, target_margins,
+                  retain_target_margins)
+
+
+def _stand_in_targets(trained, settings, dp, forget_data, forget_prefix, retain_data, retain_rows,
+                      key, timings):
+  """The stand-in's margins on the forget images and, for ν's retained_head source, on the
+  retain rows (else None): float32 targets of forget_target="retained_head_margin"."""
+  retained = UnlearnData(retain_data.images[retain_rows], retain_data.labels[retain_rows],
+                         retain_data.indices[retain_rows])
+  retain_prefix = calibration_lib.margin_inputs(trained, settings, dp, retained, None, timings)
+  with_retain = settings.retain_margin_source == "retained_head"
+  scored_prefix, scored_labels = forget_prefix, forget_data.labels
+  if with_retain:
+    scored_prefix = np.concatenate([forget_prefix, retain_prefix])
+    scored_labels = np.concatenate([forget_data.labels, retained.labels])
+  scored = calibration_lib.stand_in_margins(
+      trained, settings, retain_prefix, retained.labels, scored_prefix, scored_labels,
+      forget_data.images[:1], key, timings).astype(np.float32)
+  return scored[:len(forget_data)], (scored[len(forget_data):] if with_retain else None)
 
 
 # --- the method ----------------------------------------------------------------------------------
@@ -223,8 +256,8 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
   # 1-2. Transition matrix and perturbing labels: the "machine guidance", computed once.
   start = time.perf_counter()
   compile_before = timings.get("compile_s", 0.0)
-  (T, perturbing, retain_rows, forget_activations, forget_targets,
-   forget_target_margins) = machine_guidance(trained, forget_data, retain_data, config,
+  (T, perturbing, retain_rows, forget_activations, forget_targets, forget_target_margins,
+   retain_target_margins) = machine_guidance(trained, forget_data, retain_data, config,
                                              label_key, rng, dp, timings, non_members)
   timings["transition_s"] = (time.perf_counter() - start
                              - (timings.get("compile_s", 0.0) - compile_before))
@@ -288,7 +321,7 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
       _forget_batches(rng, forget_data, perturbing, settings.forget_batch_size, total_steps,
                       finetune_per_row, with_images="forget_prefix" not in finetune_per_row),
       _retain_batches(rng, retain_rows, retain_data, settings.retain_batch_size, total_steps,
-                      receiving, receiving_count)))
+                      receiving, receiving_count, retain_target_margins)))
   if calibrate:
     gap, first_check = calibration_lib.stopping_gap(
         trained, settings, dp, forget_data, retain_data, retain_rows,

@@ -147,11 +147,13 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
       negative, positive = jax.lax.stop_gradient(
           noise_lib.gather_noise(new_noise, negative_rows, perturbing, settings.noise))
 
-      original_retain_logits = original_retain_margins = original_activation = None
-      if use_kl or use_retain_margin:
+      original_retain_logits = retain_target_margins = original_activation = None
+      if use_kl or (use_retain_margin and "retain_target_margin" not in batch):
         original_retain_logits, _ = g(state.original_params, retain_images)
-      if use_retain_margin:
-        original_retain_margins = logit_margins(original_retain_logits, batch["retain_label"])
+      if "retain_target_margin" in batch:  # retain_margin_source="retained_head"
+        retain_target_margins = batch["retain_target_margin"]
+      elif use_retain_margin:
+        retain_target_margins = logit_margins(original_retain_logits, batch["retain_label"])
       if use_align and "forget_original_activation" in batch:
         # Precomputed once per image (the "features" activation, from the guidance pass).
         original_activation = batch["forget_original_activation"]
@@ -161,7 +163,7 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
       def loss_fn(params):
         _, activation = g(params, forget_images)
         forget_logits = h(params, noise_lib.apply_noise(activation, negative, positive))
-        if "forget_target_margin" in batch:  # forget_target="non_member_margin"
+        if "forget_target_margin" in batch:  # forget_target="*_margin"
           forget_loss = margin_loss(forget_logits, batch["forget_label"],
                                     batch["forget_target_margin"])
         elif "forget_target" in batch:  # forget_target="distribution"
@@ -181,7 +183,7 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
           terms["kl"] = kl
         if use_retain_margin:
           retain_margin = margin_loss(retain_logits, batch["retain_label"],
-                                      original_retain_margins)
+                                      retain_target_margins)
           loss += settings.retain_margin_weight * retain_margin
           terms["retain_margin"] = retain_margin
         if use_align:
