@@ -188,10 +188,15 @@ def test_a_precomputed_frozen_prefix_gives_the_step_computed_one(digits, trained
     return float(step_metrics["loss"]), jax.device_get(dp.get_replicated(state).params)
 
   loss, params = one_step(batch)
-  precomputed_loss, precomputed_params = one_step({**batch, "forget_prefix": prefix})
-  np.testing.assert_allclose(precomputed_loss, loss, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(precomputed_params)):
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+  retain_prefix = train.predict(trained, forget.images[rows + 16],
+                                activations=("block2",))["block2"]
+  retain_batch = {k: v for k, v in batch.items() if k != "retain_image"}
+  for precomputed in ({**batch, "forget_prefix": prefix},
+                      {**retain_batch, "forget_prefix": prefix, "retain_prefix": retain_prefix}):
+    precomputed_loss, precomputed_params = one_step(precomputed)
+    np.testing.assert_allclose(precomputed_loss, loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(precomputed_params)):
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
   # A distribution target (forget_target="distribution") that is one-hot on ỹ is the label.
   one_hot = np.eye(10, dtype=np.float32)[batch["forget_perturbing"]]
   np.testing.assert_allclose(one_step({**batch, "forget_target": one_hot})[0], loss, rtol=1e-5)
@@ -482,7 +487,7 @@ def test_the_retained_head_stand_in_never_saw_the_forgotten_images(digits, train
   forget_prefix, retain_prefix = prefix(forget), prefix(retain)
   stand_in = lambda inputs, labels: calibration.retained_head_margins(
       trained, settings, inputs, labels, forget_prefix, forget.labels, forget.images,
-      jax.random.key(1))
+      [jax.random.key(1)])[0]
   without = stand_in(retain_prefix, retain.labels)
   with_forget = stand_in(np.concatenate([retain_prefix, forget_prefix]),
                          np.concatenate([retain.labels, forget.labels]))
@@ -517,8 +522,9 @@ def test_retained_head_calibration_averages_its_heads(digits, trained, split, mo
   keys = []  # per run, the key of each head
 
   def fake_head(*args):  # within a run, the first head's margins are -1, the second's -3
-    keys[-1].append(np.asarray(jax.random.key_data(args[7])))
-    return np.full(len(forget.labels), -1.0 - 2.0 * (len(keys[-1]) - 1))
+    keys[-1].extend(np.asarray(jax.random.key_data(key)) for key in args[7])
+    return np.stack([np.full(len(forget.labels), -1.0 - 2.0 * head)
+                     for head in range(len(args[7]))])
 
   monkeypatch.setattr(calibration, "retained_head_margins", fake_head)
   targets = []

@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import flax.linen as nn
 import jax
@@ -317,15 +317,17 @@ def used_by_stages_after(model: nn.Module, params: Any, batch_stats: Any, start:
 
 def retrain_stages_after(trained: train.Trained, start: str, inputs: np.ndarray,
                          labels: np.ndarray, example_images: np.ndarray, *, epochs: int,
-                         key: jax.Array, timings: dict | None = None) -> Any:
-  """θ₀'s parameters with the stages after ``start`` retrained from scratch on ``inputs``.
+                         keys: Sequence[jax.Array], timings: dict | None = None) -> list[Any]:
+  """θ₀'s parameters with the stages after ``start`` retrained from scratch on ``inputs``, once
+  per key of ``keys``: one parameter tree per key, all trained together (vmapped) in one program.
 
   ``inputs`` are θ₀'s outputs of stage ``start`` (the frozen prefix) for the images labelled
   ``labels``; ``example_images``, any image(s) of the data set, for the model's initialisation.
-  The later stages start from the model's own initialisation (key ``key``) and train
-  for ``epochs`` epochs with the original recipe's optimiser, batch size and schedule, BatchNorm
-  in inference mode with θ₀'s statistics; every other parameter is θ₀'s. One device: the stages
-  are small. The first epoch's time (its compilation) goes to ``timings["compile_s"]``.
+  The later stages start from the model's own initialisation (each key's) and train for
+  ``epochs`` epochs with the original recipe's optimiser, batch size and schedule, in an order
+  drawn from the same key, BatchNorm in inference mode with θ₀'s statistics; every other
+  parameter is θ₀'s. One device: the stages are small. The first epoch's time (its compilation)
+  goes to ``timings["compile_s"]``.
   """
   recipe = copy.deepcopy(trained.config)
   with recipe.unlocked():
@@ -333,41 +335,53 @@ def retrain_stages_after(trained: train.Trained, start: str, inputs: np.ndarray,
   batch_size = min(int(recipe.batch_size), len(labels))
   steps_per_epoch = len(labels) // batch_size
   tx = train.make_training_optimizer(recipe, steps_per_epoch)
-  init_key, order_key = jax.random.split(key)
   batch_stats = trained.state.batch_stats
   inputs = jnp.asarray(inputs)
   labels = jnp.asarray(labels, jnp.int32)
-  used = used_by_stages_after(trained.model, trained.state.params, batch_stats, start,
-                              inputs[:1])
+  leaves, treedef = jax.tree.flatten(trained.state.params)
+  used = jax.tree.leaves(used_by_stages_after(trained.model, trained.state.params, batch_stats,
+                                              start, inputs[:1]))
   example = train.prepare_images({"image": np.asarray(example_images[:1])}, None, trained.mean,
                                  trained.std)
-  fresh = trained.model.init(init_key, example, train=False)["params"]
-  params = jax.tree.map(lambda u, new, old: new if u else jnp.asarray(old), used, fresh,
-                        trained.state.params)
-  forward = lambda p, x: trained.model.apply({"params": p, "batch_stats": batch_stats}, x,
-                                             train=False, from_activation=start)[0]
 
-  def one_epoch(params, opt_state, order):
+  def fresh_stages(init_key):  # the retrained leaves only; θ₀'s prefix is shared, not copied
+    fresh = jax.tree.leaves(trained.model.init(init_key, example, train=False)["params"])
+    return [leaf for leaf, u in zip(fresh, used) if u]
+
+  def full_params(stages):
+    stages = iter(stages)
+    return jax.tree.unflatten(treedef, [next(stages) if u else jnp.asarray(leaf)
+                                        for leaf, u in zip(leaves, used)])
+
+  def loss(stages, rows):
+    logits = trained.model.apply({"params": full_params(stages), "batch_stats": batch_stats},
+                                 inputs[rows], train=False, from_activation=start)[0]
+    return train.cross_entropy(logits, labels[rows])
+
+  def one_epoch(stages, opt_state, order):
     def body(carry, rows):
-      params, opt_state = carry
-      grads = jax.grad(lambda p: train.cross_entropy(forward(p, inputs[rows]),
-                                                     labels[rows]))(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      # Only the retrained stages move: θ₀'s prefix would otherwise decay with the weights.
-      updates = jax.tree.map(lambda u, d: d if u else jnp.zeros_like(d), used, updates)
-      return (optax.apply_updates(params, updates), opt_state), None
-    (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), order)
-    return params, opt_state
+      stages, opt_state = carry
+      updates, opt_state = tx.update(jax.grad(loss)(stages, rows), opt_state, stages)
+      return (optax.apply_updates(stages, updates), opt_state), None
+    (stages, opt_state), _ = jax.lax.scan(body, (stages, opt_state), order)
+    return stages, opt_state
 
-  opt_state = tx.init(params)
-  rng = np.random.default_rng(np.asarray(jax.random.key_data(order_key)).ravel().tolist())
-  orders = [rng.permutation(len(labels))[:steps_per_epoch * batch_size]
-            .reshape(steps_per_epoch, batch_size).astype(np.int32) for _ in range(epochs)]
+  split = [jax.random.split(key) for key in keys]
+  stages = jax.vmap(fresh_stages)(jnp.stack([init_key for init_key, _ in split]))
+  opt_state = jax.vmap(tx.init)(stages)
+  orders = []
+  for _, order_key in split:
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(order_key)).ravel().tolist())
+    orders.append([rng.permutation(len(labels))[:steps_per_epoch * batch_size]
+                   .reshape(steps_per_epoch, batch_size).astype(np.int32)
+                   for _ in range(epochs)])
+  orders = np.asarray(orders)  # [heads, epochs, steps, batch]
+  epoch = jax.jit(jax.vmap(one_epoch))
   start_time = time.perf_counter()
-  epoch = jax.jit(one_epoch)
-  params, opt_state = jax.block_until_ready(epoch(params, opt_state, orders[0]))
+  stages, opt_state = jax.block_until_ready(epoch(stages, opt_state, orders[:, 0]))
   if timings is not None:
     timings["compile_s"] = timings.get("compile_s", 0.0) + time.perf_counter() - start_time
-  for order in orders[1:]:
-    params, opt_state = epoch(params, opt_state, order)
-  return jax.block_until_ready(params)
+  for e in range(1, epochs):
+    stages, opt_state = epoch(stages, opt_state, orders[:, e])
+  stages = jax.block_until_ready(stages)
+  return [full_params([leaf[h] for leaf in stages]) for h in range(len(keys))]

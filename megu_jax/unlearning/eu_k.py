@@ -54,8 +54,9 @@ def eu_k(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
                          (settings.freeze_through,))[settings.freeze_through]
   compile_before = timings.get("compile_s", 0.0)
   start = time.perf_counter()
-  params = retrain_stages_after(trained, settings.freeze_through, prefix, retain_data.labels,
-                                retain_data.images[:1], epochs=epochs, key=key, timings=timings)
+  params, = retrain_stages_after(trained, settings.freeze_through, prefix, retain_data.labels,
+                                 retain_data.images[:1], epochs=epochs, keys=[key],
+                                 timings=timings)
   timings["train_s"] = time.perf_counter() - start - (timings.get("compile_s", 0.0) - compile_before)
   return with_params(trained, params)
 

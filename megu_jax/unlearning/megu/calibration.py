@@ -54,26 +54,30 @@ def margin_inputs(trained: train.Trained, settings, dp, data: UnlearnData,
 
 def retained_head_margins(trained: train.Trained, settings: ml_collections.ConfigDict,
                           retain_prefix: np.ndarray, retain_labels: np.ndarray,
-                          forget_prefix: np.ndarray, forget_labels: np.ndarray,
-                          example_images: np.ndarray, key: jax.Array,
+                          scored_prefix: np.ndarray, scored_labels: np.ndarray,
+                          example_images: np.ndarray, keys: list[jax.Array],
                           timings: dict | None = None) -> np.ndarray:
-  """Per-forget-image margins under the stand-in for Retrain (see the module docstring).
+  """float64 [len(keys), N]: the margins of ``scored_prefix`` (labels ``scored_labels``) under
+  one stand-in for Retrain per key (see the module docstring).
 
-  ``retain_prefix`` / ``forget_prefix``: θ₀'s outputs of stage ``settings.freeze_through`` for the
-  retained and forgotten images; ``example_images``: any image(s) of the data set, for the
-  model's initialisation. The stages after the prefix start from that initialisation (key
-  ``key``) and train for ``settings.calibration_epochs`` epochs (0: the original's ``epochs``)
-  with the original's optimiser, batch size and schedule, BatchNorm in inference mode with θ₀'s
-  statistics as in MeGU's own steps. Runs on one device: the head is small. The compilation's
-  time goes to ``timings["compile_s"]``.
+  ``retain_prefix`` / ``scored_prefix``: θ₀'s outputs of stage ``settings.freeze_through`` for the
+  retained images and for the images to score; ``example_images``: any image(s) of the data set,
+  for the model's initialisation. The stages after the prefix start from that initialisation
+  (each key's) and train for ``settings.calibration_epochs`` epochs (0: the original's
+  ``epochs``) with the original's optimiser, batch size and schedule, BatchNorm in inference
+  mode with θ₀'s statistics as in MeGU's own steps (:func:`base.retrain_stages_after`, all heads
+  in one program). The compilation's time goes to ``timings["compile_s"]``.
   """
-  params = retrain_stages_after(
+  heads = retrain_stages_after(
       trained, settings.freeze_through, retain_prefix, retain_labels, example_images,
-      epochs=int(settings.calibration_epochs or trained.config.epochs), key=key, timings=timings)
+      epochs=int(settings.calibration_epochs or trained.config.epochs), keys=keys,
+      timings=timings)
   margins = make_margin_fn(trained.model, settings, trained.state.batch_stats)
-  _, forget_margins = first_call_timed(margins, (params, jnp.asarray(forget_prefix),
-                                                 jnp.asarray(forget_labels, jnp.int32)), timings)
-  return np.asarray(forget_margins, np.float64)
+  inputs, labels = jnp.asarray(scored_prefix), jnp.asarray(scored_labels, jnp.int32)
+  margins, first = first_call_timed(margins, (heads[0], inputs, labels), timings)
+  return np.stack([np.asarray(first, np.float64)]
+                  + [np.asarray(margins(params, inputs, labels), np.float64)
+                     for params in heads[1:]])
 
 
 def first_call_timed(fn, args: tuple, timings: dict | None):
@@ -130,10 +134,10 @@ def stand_in_margins(trained: train.Trained, settings: ml_collections.ConfigDict
   """float64 [N]: the margins of ``scored_prefix`` (labels ``scored_labels``) under the stand-in
   for Retrain, averaged over ``settings.calibration_heads`` heads (:func:`retained_head_margins`),
   each from its own initialisation and data order; the mean varies less between runs."""
-  return np.mean([retained_head_margins(trained, settings, retain_prefix, retain_labels,
-                                        scored_prefix, scored_labels, example_images, head_key,
-                                        timings)
-                  for head_key in _head_keys(key, settings.calibration_heads)], axis=0)
+  return np.mean(retained_head_margins(trained, settings, retain_prefix, retain_labels,
+                                       scored_prefix, scored_labels, example_images,
+                                       _head_keys(key, settings.calibration_heads), timings),
+                 axis=0)
 
 
 def _head_keys(key: jax.Array, heads: int) -> list[jax.Array]:

@@ -82,11 +82,12 @@ def receiving_retain_rows(retain_labels: np.ndarray, perturbing: np.ndarray,
 
 
 def _retain_batches(rng, retain_rows, retain_data, batch_size, num_steps, receiving=None,
-                    receiving_count=0, target_margins=None):
+                    receiving_count=0, target_margins=None, prefix=None):
   """Retain batches: successive shuffles of ``retain_rows``; with ``receiving`` (positions into
   ``retain_rows`` and their probabilities), the first ``receiving_count`` rows of every batch are
   drawn from those instead. With none the draw is the uniform one alone. ``target_margins``
-  (aligned with ``retain_rows``) adds each row's ``retain_target_margin``."""
+  (aligned with ``retain_rows``) adds each row's ``retain_target_margin``; ``prefix`` (aligned
+  the same way: θ₀'s frozen-prefix outputs) replaces the images by ``retain_prefix``."""
   positions = row_stream(rng, len(retain_rows), batch_size * num_steps)
   positions = positions.reshape(num_steps, batch_size)
   if receiving_count:
@@ -95,8 +96,11 @@ def _retain_batches(rng, retain_rows, retain_data, batch_size, num_steps, receiv
                                                 (num_steps, receiving_count), p=p)
   for step_positions in positions:
     step_rows = retain_rows[step_positions]
-    batch = {"retain_image": retain_data.images[step_rows],
-             "retain_label": retain_data.labels[step_rows]}
+    batch = {"retain_label": retain_data.labels[step_rows]}
+    if prefix is None:
+      batch["retain_image"] = retain_data.images[step_rows]
+    else:
+      batch["retain_prefix"] = prefix[step_positions]
     if target_margins is not None:
       batch["retain_target_margin"] = target_margins[step_positions]
     yield batch
@@ -117,6 +121,9 @@ class Guidance(NamedTuple):
   # float32 [R], aligned with retain_rows, for retain_margin_source="retained_head": each
   # retained image's margin under the stand-in, ν's target.
   retain_target_margins: np.ndarray | None = None
+  # θ₀'s output of freeze_through for the retain rows (aligned with retain_rows), when set: the
+  # finetuning's retain batches carry it instead of the images, and the stand-in trains on it.
+  retain_prefix: np.ndarray | None = None
 
 
 def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnData,
@@ -167,6 +174,11 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
       features = np.concatenate([forget_out["features"][forget_rows], retain_features])
       feature_labels = np.concatenate([forget_data.labels[forget_rows],
                                        retain_data.labels[prototype_rows]])
+  retain_prefix = None
+  if settings.freeze_through:
+    # One pass over the retain rows: each finetuning step then skips the frozen stages.
+    retain_prefix = train.predict(trained, retain_data.images[retain_rows], 1000, dp, timings,
+                                  prefix)[settings.freeze_through]
   T = transition_lib.build_transition(
       settings.transition, num_classes, temperature=settings.temperature, top_k=settings.top_k,
       features=features, feature_labels=feature_labels, superclass_of=settings.superclass_of)
@@ -186,26 +198,23 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
                                                non_member_logits, non_members.labels)
   if settings.forget_target == "retained_head_margin":
     target_margins, retain_target_margins = _stand_in_targets(
-        trained, settings, dp, forget_data, forget_activations[settings.freeze_through],
-        retain_data, retain_rows, jax.random.fold_in(key, 1), timings)
+        trained, settings, forget_data, forget_activations[settings.freeze_through],
+        retain_data.labels[retain_rows], retain_prefix, jax.random.fold_in(key, 1), timings)
   return Guidance(T, perturbing, retain_rows, forget_activations, targets, target_margins,
-                  retain_target_margins)
+                  retain_target_margins, retain_prefix)
 
 
-def _stand_in_targets(trained, settings, dp, forget_data, forget_prefix, retain_data, retain_rows,
+def _stand_in_targets(trained, settings, forget_data, forget_prefix, retain_labels, retain_prefix,
                       key, timings):
   """The stand-in's margins on the forget images and, for ν's retained_head source, on the
   retain rows (else None): float32 targets of forget_target="retained_head_margin"."""
-  retained = UnlearnData(retain_data.images[retain_rows], retain_data.labels[retain_rows],
-                         retain_data.indices[retain_rows])
-  retain_prefix = calibration_lib.margin_inputs(trained, settings, dp, retained, None, timings)
   with_retain = settings.retain_margin_source == "retained_head"
   scored_prefix, scored_labels = forget_prefix, forget_data.labels
   if with_retain:
     scored_prefix = np.concatenate([forget_prefix, retain_prefix])
-    scored_labels = np.concatenate([forget_data.labels, retained.labels])
+    scored_labels = np.concatenate([forget_data.labels, retain_labels])
   scored = calibration_lib.stand_in_margins(
-      trained, settings, retain_prefix, retained.labels, scored_prefix, scored_labels,
+      trained, settings, retain_prefix, retain_labels, scored_prefix, scored_labels,
       forget_data.images[:1], key, timings).astype(np.float32)
   return scored[:len(forget_data)], (scored[len(forget_data):] if with_retain else None)
 
@@ -257,7 +266,7 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
   start = time.perf_counter()
   compile_before = timings.get("compile_s", 0.0)
   (T, perturbing, retain_rows, forget_activations, forget_targets, forget_target_margins,
-   retain_target_margins) = machine_guidance(trained, forget_data, retain_data, config,
+   retain_target_margins, retain_prefix) = machine_guidance(trained, forget_data, retain_data, config,
                                              label_key, rng, dp, timings, non_members)
   timings["transition_s"] = (time.perf_counter() - start
                              - (timings.get("compile_s", 0.0) - compile_before))
@@ -321,7 +330,7 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
       _forget_batches(rng, forget_data, perturbing, settings.forget_batch_size, total_steps,
                       finetune_per_row, with_images="forget_prefix" not in finetune_per_row),
       _retain_batches(rng, retain_rows, retain_data, settings.retain_batch_size, total_steps,
-                      receiving, receiving_count, retain_target_margins)))
+                      receiving, receiving_count, retain_target_margins, retain_prefix)))
   if calibrate:
     gap, first_check = calibration_lib.stopping_gap(
         trained, settings, dp, forget_data, retain_data, retain_rows,

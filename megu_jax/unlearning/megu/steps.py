@@ -121,12 +121,15 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation,
       g, h = _network(model, settings.activation, state.batch_stats, start)
       # With ``start``, g's input is the output of the frozen stages. They are θ₀'s (their
       # gradient is never taken), so that output is the same for θ and θ₀ and needs no backward
-      # pass; for the forget images the guidance pass computed it once, and the batch then
-      # carries it instead of the images.
+      # pass; the guidance pass computes it once for the forget and the retain images, and the
+      # batches then carry it instead of the images.
       prefix = functools.partial(frozen_prefix, model, state.original_params, state.batch_stats,
                                  start) if start else (lambda images: images)
-      retain_images = prefix(train.prepare_images({"image": batch["retain_image"]}, None, mean,
-                                                  std))
+      if "retain_prefix" in batch:  # computed once by the guidance pass
+        retain_images = batch["retain_prefix"]
+      else:
+        retain_images = prefix(train.prepare_images({"image": batch["retain_image"]}, None, mean,
+                                                    std))
       if "forget_prefix" in batch:
         forget_images = batch["forget_prefix"]
       else:
