@@ -14,7 +14,7 @@ from megu_jax.harness import targets
 
 def test_variants_are_scored_per_row_against_retrain(tmp_path):
   config = digits_config.get_config("quick")
-  chosen = {ablations.DEFAULTS: {}, "noise: none": {"noise": "none"},
+  chosen = {ablations.DEFAULTS: {}, "noise: both": {"noise": "both"},
             "T: the default's": {"transition": config.megu.transition},
             # digits has no grouping of its classes for the hierarchy T to read
             "T: hierarchy": {"transition": "hierarchy"}}
@@ -33,10 +33,10 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
   assert summary["same_as_defaults"] == ["T: the default's"]
   full, random = (summary["rows"][benchmark.cell_name(*row, 0)]
                   for row in (("full_class", "3"), ("random", "20@1")))
-  assert full["same_as_defaults"] == [] and random["same_as_defaults"] == ["noise: none"]
+  assert full["same_as_defaults"] == [] and random["same_as_defaults"] == ["noise: both"]
   # A baseline named beside runs from the same originals on every row.
   assert set(full["methods"]) == {"original", "retrain", "eu_k", ablations.DEFAULTS,
-                                  "noise: none"}
+                                  "noise: both"}
   assert set(random["methods"]) == {"original", "retrain", "eu_k", ablations.DEFAULTS}
   assert summary["beside"] == ["eu_k"]
   for row in summary["rows"].values():
@@ -54,11 +54,11 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
                for k in ("mean", "sd"))
   # Each variant is set against the defaults on the same examples: the paired difference of
   # the row's headline statistic, inside its own interval.
-  paired = full["methods"]["noise: none"]["vs_defaults"]
+  paired = full["methods"]["noise: both"]["vs_defaults"]
   assert (paired["family"], paired["statistic"]) == targets.headline_statistic(
       [full], config.ensemble_size)
   for split in ("forget", "retain", "val"):
-    value = full["methods"]["noise: none"][paired["family"]][split][paired["statistic"]]
+    value = full["methods"]["noise: both"][paired["family"]][split][paired["statistic"]]
     defaults = full["methods"][ablations.DEFAULTS][paired["family"]][split][paired["statistic"]]
     assert paired[split]["difference"] == pytest.approx(value - defaults)
     low, high = paired[split]["ci95"]
@@ -66,17 +66,17 @@ def test_variants_are_scored_per_row_against_retrain(tmp_path):
   assert all("vs_defaults" not in row["methods"][name] for row in summary["rows"].values()
              for name in ("original", "retrain", "eu_k", ablations.DEFAULTS))
   stored = json.loads((tmp_path / "ablations.json").read_text())
-  assert stored["rows"]["full_class_3_seed0"]["methods"]["noise: none"]["forgetting_quality"]
+  assert stored["rows"]["full_class_3_seed0"]["methods"]["noise: both"]["forgetting_quality"]
   table = (tmp_path / "ablations.md").read_text()
-  assert "| noise: none |" in table and "| retrain |" in table and "| original |" in table
+  assert "| noise: both |" in table and "| retrain |" in table and "| original |" in table
   assert "| eu_k |" in table
   assert "on the forgotten training images / on unseen images like them: original " in table
   assert "whose settings they already are: T: the default's." in table
-  assert "where their settings are the defaults': noise: none." in table
+  assert "where their settings are the defaults': noise: both." in table
   assert "Each variant minus the defaults, paired over the same examples" in table
   assert "which its settings do not fit: T: hierarchy (config.megu.transition='hierarchy'" in table
   # A variant's runs are its own: the defaults' runs were not overwritten by the variants'.
-  assert (tmp_path / "rows" / "full_class_3_seed0" / "runs" / "megu-noise_none").is_dir()
+  assert (tmp_path / "rows" / "full_class_3_seed0" / "runs" / "megu-noise_both").is_dir()
   assert (tmp_path / "rows" / "full_class_3_seed0" / "runs" / "megu").is_dir()
 
 
@@ -93,12 +93,11 @@ def test_the_noise_ablations_change_the_noise_in_every_scenario():
   table = ablations.variants(None)
   full = benchmark.cell_config(config, "full_class", "3", seed=0)
   random = benchmark.cell_config(config, "random", "20@1", seed=0)
-  # The defaults' noise differs between the scenarios (the pair; none in the random scenario),
-  # so "both" restates the defaults on one and "none" on the other; the halves change both.
-  assert ablations._same_settings(full, table["noise: both"])
-  assert not ablations._same_settings(random, table["noise: both"])
-  assert ablations._same_settings(random, table["noise: none"])
-  assert not ablations._same_settings(full, table["noise: none"])
+  # The defaults have no noise in either scenario (the full-class rows' own field, the random
+  # rows' random_scenario.noise), so "none" restates them in both and "both" in neither; the
+  # noise variants set both fields, so each changes the noise in every scenario.
+  assert all(ablations._same_settings(cell, table["noise: none"]) for cell in (full, random))
+  assert not any(ablations._same_settings(cell, table["noise: both"]) for cell in (full, random))
   for half in ("noise: negative only", "noise: positive only"):
     assert not any(ablations._same_settings(cell, table[half]) for cell in (full, random))
   # Settings a field's scenario does not use still count: T changes both.

@@ -61,7 +61,7 @@ def test_eu_k_is_the_stand_in_megus_margin_target_reads(trained, data):
   forget, retain = data
   config = digits_config.get_config()
   config.megu.update(forget_target="retained_head_margin", freeze_through="block3",
-                     prototype_samples_per_class=50)
+                     prototype_samples_per_class=50, calibration_heads=1)
   guidance = megu_lib.machine_guidance(trained, forget, retain, config, jax.random.key(0))
   # MeGU's heads take the key folded from its guidance key (method.machine_guidance).
   unlearned = unlearning.get_method("eu_k")(trained, forget, retain, config,

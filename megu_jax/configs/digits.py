@@ -38,7 +38,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The library's random scenario: Fashion-MNIST's margin targets need unseen images of the
   # forgotten samples' classes, and digits trains on all of its images.
   config.megu.random_scenario = megu.default_megu_config().random_scenario
-  config.megu.steps = 60
   config.megu.noise_steps = 30
   config.megu.forget_batch_size = 32
   config.megu.retain_batch_size = 32

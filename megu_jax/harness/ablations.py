@@ -39,7 +39,7 @@ def variants(gemini_path: str | None) -> dict[str, dict]:
   table = {
       DEFAULTS: {},
       # The random scenario's own noise setting replaces ``noise`` there, so each noise
-      # variant sets both; "both" is the defaults' on the other scenarios and not run there.
+      # variant sets both; on a row where a variant restates the defaults it is listed, not run.
       "noise: both": _noise("both"),
       "noise: none": _noise("none"),
       "noise: negative only": _noise("negative"),

@@ -385,7 +385,9 @@ def development_section(results_dir: str) -> str:
            "Variants of MeGU's settings (`python -m experiments.ablations`, docs/usage.md), each "
            "run once from every original of a development row and scored per example against "
            "the oracles, beside doing nothing and the floor. Defaults are chosen on these rows "
-           "only ([method.md §4](method.md)).", ""]
+           "only ([method.md §4](method.md)). A table's *megu (defaults)* row is MeGU's defaults "
+           "as they were when that table ran (its last line names the commit); the "
+           "Fashion-MNIST config states the current ones and the table each comes from.", ""]
   if not names:
     return "\n".join(lines + ["_Nothing committed yet under `results/ablations/`._", ""])
   for name in names:
