@@ -15,8 +15,8 @@ Expected: 100 % accuracy on its 5,000 training images, ~87 % test accuracy, a ma
 (docs/results.md, "The protocol", has the measurement and its command).
 Append ``:quick`` to the config path for a shorter smoke run (one epoch, frequent checkpoints).
 Append ``:all_classes`` for the all-class table (MeGU's frozen defaults on every row, N = 8,
-with the three baselines the headline run found closest to Retrain; hours of 2-core compute,
-resumable model by model):
+with EU-k and the three baselines the headline run found closest to Retrain; hours of 2-core
+compute, resumable model by model):
   python -m experiments.benchmark --config=megu_jax/configs/fashion_mnist.py:all_classes \
     --workdir=runs/all_classes --models_root=runs/headline/models
 (the headline's models are reused), then copy runs/all_classes/ensembles/*/ensemble.json to
