@@ -108,7 +108,7 @@ def _differences_from_the_frozen_defaults(recorded: dict, config) -> list[str]:
   differences = [f"megu.{field}: ran {value!r}, now {now[field]!r}"
                  for field, value in added.items() if now[field] != value]
   differences += [f"megu.{field}: ran {ran.get(field)!r}, now {now.get(field)!r}"
-                  for field in sorted(set(ran) | set(now) - set(added))
+                  for field in sorted((set(ran) | set(now)) - set(added))
                   if ran.get(field) != now.get(field)]
   if set(recorded["methods"]) != set(config.methods.split(",")):
     differences.append(f"methods: ran {sorted(recorded['methods'])}, now {config.methods}")
