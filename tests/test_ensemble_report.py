@@ -115,7 +115,9 @@ def test_the_all_class_table_marks_development_rows_and_counts_where_megu_is_low
   shirt = summary()  # MeGU forget 3.0 above NegGrad+'s 1.5: not the lowest
   trouser = {**summary(), "forget": ["Trouser"]}
   trouser["methods"] = {**trouser["methods"],
-                        "megu": method(1.0, 0.35, 0.3, 0.15, 4, floor_of(0.3, 0.16))}
+                        "megu": {**method(1.0, 0.35, 0.3, 0.15, 4, floor_of(0.3, 0.16)),
+                                 "time_s": {"mean": 2.0}},
+                        "retrain": {**trouser["methods"]["retrain"], "time_s": {"mean": 40.0}}}
   draw = {**summary(), "scenario": "random", "forget": [], "forget_size": 100, "split_seed": 1}
   # Where the forgotten shirts went: Retrain mostly to T-shirts, MeGU mostly to coats.
   shirt["class_names"] = ["T-shirt", "Coat", "Shirt"]
@@ -138,12 +140,18 @@ def test_the_all_class_table_marks_development_rows_and_counts_where_megu_is_low
            if line.startswith("| ") and "---" not in line}
   assert lines["full_class Shirt (dev)"].startswith(
       "| full_class Shirt (dev) | 4 | 3.00 / **0.35** / **0.30** | neggrad_plus: 1.50 / "
-      "**0.65** / **0.50** | 80.00 / 0.60 / 0.90 | 0.30 / 0.30 / 0.30 | no | retain, val, F |")
+      "**0.65** / **0.50** | 80.00 / 0.60 / 0.90 | 0.30 / 0.30 / 0.30 | no | retain, val, F | "
+      "0.150 / 0.060 (neggrad_plus) | – |")  # no times recorded: no share
   # Trouser: MeGU's forget 1.0 below NegGrad+'s 1.5, retain 0.35 and val 0.30 at or below the best
   # baseline's upper bounds (0.75 and 0.60).
   assert "| yes |" in lines["full_class Trouser"]
+  assert lines["full_class Trouser"].endswith("| 5 % |")  # 2 s of MeGU against 40 s of Retrain
   assert "random 100 @1" in lines
-  assert "1 of 2 full_class rows; 0 of 1 random rows" in text
+  # Shirt is the development row; Trouser and the draw were run after the freeze.
+  assert ("development rows: 0 of 1 full_class rows; the other rows: 1 of 1 full_class rows; "
+          "0 of 1 random rows." in text)
+  assert "1 of 2 full_class rows; 0 of 1 random rows." in ensemble_report.all_class_section(
+      str(tmp_path))  # without development rows, one count
   assert "rows run" not in text  # without the expected rows nothing is said to be missing
   why = {line.split("|")[1].strip(): line for line in text.split("Where MeGU is not")[1]
          .splitlines() if line.startswith("| ") and "---" not in line}

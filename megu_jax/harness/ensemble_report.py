@@ -312,12 +312,30 @@ def row_label(summary: dict) -> str:
   return f"{label} @{summary['split_seed']}" if summary["scenario"] == "random" else label
 
 
+def _forgetting_quality_cell(summary: dict) -> str:
+  """MeGU's F and the highest of the baselines' (named), e.g. ``0.196 / 0.209 (eu_k)``."""
+  methods = summary["methods"]
+  F = lambda name: methods[name].get("forgetting_quality", {}).get("F", float("nan"))
+  baselines = [name for name in methods if name not in ("megu", "original", "retrain")]
+  best = max(baselines, key=F)
+  return f"{F('megu'):.3f} / {F(best):.3f} ({best})"
+
+
+def _time_share(summary: dict) -> str:
+  """MeGU's mean time per model over Retrain's mean training time, in percent."""
+  seconds = lambda name: summary["methods"].get(name, {}).get("time_s", {}).get("mean")
+  megu, retrain = seconds("megu"), seconds("retrain")
+  return f"{100 * megu / retrain:.0f} %" if megu is not None and retrain else "–"
+
+
 def all_class_section(results_dir: str, development: tuple[str, ...] = (),
                       expected: tuple[str, ...] = ()) -> str:
   """The all-class table: per row under ``results/ensembles/all_class/``, MeGU, the baseline
   closest to Retrain on forget, doing nothing and the floor, on the headline statistic of the
-  row's N (chosen on the headline runs); whether MeGU's forget is the lowest without higher retain/val, and
-  where it lies within the floor. ``development``: the row labels the defaults were chosen on;
+  row's N (chosen on the headline runs); whether MeGU's forget is the lowest without higher
+  retain/val (counted apart on the development rows and the others), where it lies within the
+  floor, its F beside the best baseline's and its time as a share of Retrain's.
+  ``development``: the row labels the defaults were chosen on;
   ``expected``: every row label of the table, so that the rows still to run are named."""
   from megu_jax.harness import targets  # noqa: PLC0415
   folders = committed_runs(results_dir, ALL_CLASS_DIR)
@@ -331,10 +349,14 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
             "were chosen on. Values: forget / retain / val of the headline statistic of the "
             "row's N; **bold**: within the floor's 95 % interval. *Lowest* is yes when MeGU's "
             "forget is below every baseline's and its retain and val at or below the best "
-            "baseline's upper 95 % bound.", "",
+            "baseline's upper 95 % bound. *F*: the forgetting quality of MeGU and of the "
+            "baseline with the highest; *time*: MeGU's mean time per model as a share of "
+            "Retrain's mean training time (compilation apart).", "",
             "| row | N | MeGU | closest baseline on forget | doing nothing | floor | lowest | "
-            "MeGU within the floor on |", "|---|---|---|---|---|---|---|---|"]
-  counts: dict[str, list[int]] = {}
+            "MeGU within the floor on | F: MeGU / best baseline | time |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+  # Development rows and the rows run after the defaults were frozen, counted apart.
+  counts: dict[bool, dict[str, list[int]]] = {True: {}, False: {}}
   lost = []  # (folder, summary, closest baseline) of the rows where MeGU is not the lowest
   for folder, summary in sorted(folders, key=lambda f: (f[1]["scenario"], row_label(f[1]))):
     megu = summary["methods"].get("megu")
@@ -350,20 +372,23 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
     floor = megu["floor"][family]
     met = [split for split, r in megu_rows.items() if r["within_floor"]]
     won = verdict["lowest_forget"] and verdict["keeps_retain_val"]
-    counts.setdefault(summary["scenario"], []).append(int(won))
+    label = row_label(summary)
+    counts[label in development].setdefault(summary["scenario"], []).append(int(won))
     if not won:
       lost.append((folder, summary, closest, family, statistic))
-    label = row_label(summary)
     label += " (dev)" if label in development else ""
     nothing = (cell(targets.against_floor(summary, "original", family, statistic))
                if "original" in summary["methods"] else "–")
     lines.append(f"| {label} | {megu['ensemble_size']} | {cell(megu_rows)} | {closest}: "
                  f"{cell(targets.against_floor(summary, closest, family, statistic))} | "
                  f"{nothing} | {' / '.join(_fmt(floor[s][statistic]) for s in SPLITS)} | "
-                 f"{'yes' if won else 'no'} | {', '.join(met) or 'none'} |")
-  lines += ["", "MeGU lowest on forget without higher retain/val: " + "; ".join(
-      f"{sum(v)} of {len(v)} {scenario} rows" for scenario, v in sorted(counts.items())) + ".",
-      ""]
+                 f"{'yes' if won else 'no'} | {', '.join(met) or 'none'} | "
+                 f"{_forgetting_quality_cell(summary)} | {_time_share(summary)} |")
+  tally = lambda group: "; ".join(f"{sum(v)} of {len(v)} {scenario} rows"
+                                  for scenario, v in sorted(group.items()))
+  lines += ["", "MeGU lowest on forget without higher retain/val: " + (
+      f"development rows: {tally(counts[True])}; the other rows: {tally(counts[False])}"
+      if counts[True] and counts[False] else tally(counts[True] or counts[False])) + ".", ""]
   if lost:
     # Rows summarised before the retain divergence by class was kept have none to show.
     by_class = any("retain_by_class" in s["methods"]["megu"] for _, s, *_ in lost)
