@@ -165,6 +165,12 @@ def test_the_all_class_table_marks_development_rows_and_counts_where_megu_is_low
   assert ("3 of 4 rows run; still to run: sub_class Coat." in
           ensemble_report.all_class_section(str(tmp_path), expected=expected))
   assert "Not run yet" in ensemble_report.all_class_section(str(tmp_path / "none"))
+  # The README's tally: the same two sentences, nothing else.
+  assert ensemble_report.all_class_tally(str(tmp_path), ("full_class Shirt",), expected) == (
+      "MeGU lowest on forget without higher retain/val: development rows: 0 of 1 full_class "
+      "rows; the other rows: 1 of 1 full_class rows; 0 of 1 random rows.\n\n"
+      "3 of 4 rows run; still to run: sub_class Coat.")
+  assert "Not run yet" in ensemble_report.all_class_tally(str(tmp_path / "none"))
 
 
 def test_the_all_class_table_carries_its_reading_and_where_its_rows_came_from(tmp_path):

@@ -328,6 +328,61 @@ def _time_share(summary: dict) -> str:
   return f"{100 * megu / retrain:.0f} %" if megu is not None and retrain else "–"
 
 
+_ALL_CLASS_NOT_RUN = ("_Not run yet: the all-class rows are run with MeGU's defaults frozen "
+                      "(docs/usage.md, the `:all_classes` config)._")
+
+
+def _judged_all_class_rows(results_dir: str) -> tuple[list[dict], list[tuple]]:
+  """Every committed all-class row's summary; and each row with MeGU, in table order, as
+  ``(folder, summary, family, statistic, verdict, won)``: judged on the headline statistic of
+  its N (chosen on the headline runs), ``won`` when MeGU's forget is the lowest without higher
+  retain/val."""
+  from megu_jax.harness import targets  # noqa: PLC0415
+  folders = committed_runs(results_dir, ALL_CLASS_DIR)
+  summaries = [summary for _, summary in folders]
+  choose_from = headline_runs(results_dir) or summaries
+  judged = []
+  for folder, summary in sorted(folders, key=lambda f: (f[1]["scenario"], row_label(f[1]))):
+    megu = summary["methods"].get("megu")
+    if megu is None:
+      continue
+    family, statistic = targets.headline_statistic(choose_from, megu["ensemble_size"])
+    verdict = targets.against_baselines(summary, family, statistic)
+    judged.append((folder, summary, family, statistic, verdict,
+                   verdict["lowest_forget"] and verdict["keeps_retain_val"]))
+  return summaries, judged
+
+
+def _all_class_tally_lines(summaries: list[dict], judged: list, development: tuple[str, ...],
+                           expected: tuple[str, ...]) -> list[str]:
+  """Where MeGU is the lowest, counted per scenario and apart on the development rows and the
+  others; then the expected rows still to run (none named without ``expected``)."""
+  counts: dict[bool, dict[str, list[int]]] = {True: {}, False: {}}
+  for _, summary, *_, won in judged:
+    counts[row_label(summary) in development].setdefault(summary["scenario"], []).append(int(won))
+  tally = lambda group: "; ".join(f"{sum(v)} of {len(v)} {scenario} rows"
+                                  for scenario, v in sorted(group.items()))
+  lines = ["MeGU lowest on forget without higher retain/val: " + (
+      f"development rows: {tally(counts[True])}; the other rows: {tally(counts[False])}"
+      if counts[True] and counts[False] else tally(counts[True] or counts[False])) + "."]
+  run = {row_label(summary) for summary in summaries}
+  missing = [label for label in expected if label not in run]
+  if missing:
+    lines.append(f"{len(expected) - len(missing)} of {len(expected)} rows run; still to run: "
+                 + ", ".join(missing) + ".")
+  return lines
+
+
+def all_class_tally(results_dir: str, development: tuple[str, ...] = (),
+                    expected: tuple[str, ...] = ()) -> str:
+  """The all-class table's tally and the rows still to run, as :func:`all_class_section`
+  words them (the README shows these)."""
+  summaries, judged = _judged_all_class_rows(results_dir)
+  if not summaries:
+    return _ALL_CLASS_NOT_RUN
+  return "\n\n".join(_all_class_tally_lines(summaries, judged, development, expected))
+
+
 def all_class_section(results_dir: str, development: tuple[str, ...] = (),
                       expected: tuple[str, ...] = ()) -> str:
   """The all-class table: per row under ``results/ensembles/all_class/``, MeGU, the baseline
@@ -338,13 +393,10 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
   ``development``: the row labels the defaults were chosen on;
   ``expected``: every row label of the table, so that the rows still to run are named."""
   from megu_jax.harness import targets  # noqa: PLC0415
-  folders = committed_runs(results_dir, ALL_CLASS_DIR)
-  rows = [summary for _, summary in folders]
+  summaries, judged = _judged_all_class_rows(results_dir)
   lines = ["## MeGU on every class", ""]
-  if not rows:
-    return "\n".join(lines + ["_Not run yet: the all-class rows are run with MeGU's defaults "
-                              "frozen (docs/usage.md, the `:all_classes` config)._", ""])
-  choose_from = headline_runs(results_dir) or rows
+  if not summaries:
+    return "\n".join(lines + [_ALL_CLASS_NOT_RUN, ""])
   lines += ["Each row at MeGU's frozen defaults; *dev* marks the development rows the defaults "
             "were chosen on. Values: forget / retain / val of the headline statistic of the "
             "row's N; **bold**: within the floor's 95 % interval. *Lowest* is yes when MeGU's "
@@ -355,15 +407,9 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
             "| row | N | MeGU | closest baseline on forget | doing nothing | floor | lowest | "
             "MeGU within the floor on | F: MeGU / best baseline | time |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-  # Development rows and the rows run after the defaults were frozen, counted apart.
-  counts: dict[bool, dict[str, list[int]]] = {True: {}, False: {}}
   lost = []  # (folder, summary, closest baseline) of the rows where MeGU is not the lowest
-  for folder, summary in sorted(folders, key=lambda f: (f[1]["scenario"], row_label(f[1]))):
-    megu = summary["methods"].get("megu")
-    if megu is None:
-      continue
-    family, statistic = targets.headline_statistic(choose_from, megu["ensemble_size"])
-    verdict = targets.against_baselines(summary, family, statistic)
+  for folder, summary, family, statistic, verdict, won in judged:
+    megu = summary["methods"]["megu"]
     closest = verdict["closest_baseline"]
     cell = lambda rows: " / ".join(
         f"**{_fmt(rows[s]['value'])}**" if rows[s]["within_floor"] else _fmt(rows[s]["value"])
@@ -371,11 +417,9 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
     megu_rows = targets.against_floor(summary, "megu", family, statistic)
     floor = megu["floor"][family]
     met = [split for split, r in megu_rows.items() if r["within_floor"]]
-    won = verdict["lowest_forget"] and verdict["keeps_retain_val"]
-    label = row_label(summary)
-    counts[label in development].setdefault(summary["scenario"], []).append(int(won))
     if not won:
       lost.append((folder, summary, closest, family, statistic))
+    label = row_label(summary)
     label += " (dev)" if label in development else ""
     nothing = (cell(targets.against_floor(summary, "original", family, statistic))
                if "original" in summary["methods"] else "–")
@@ -384,11 +428,8 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
                  f"{nothing} | {' / '.join(_fmt(floor[s][statistic]) for s in SPLITS)} | "
                  f"{'yes' if won else 'no'} | {', '.join(met) or 'none'} | "
                  f"{_forgetting_quality_cell(summary)} | {_time_share(summary)} |")
-  tally = lambda group: "; ".join(f"{sum(v)} of {len(v)} {scenario} rows"
-                                  for scenario, v in sorted(group.items()))
-  lines += ["", "MeGU lowest on forget without higher retain/val: " + (
-      f"development rows: {tally(counts[True])}; the other rows: {tally(counts[False])}"
-      if counts[True] and counts[False] else tally(counts[True] or counts[False])) + ".", ""]
+  tally, *missing = _all_class_tally_lines(summaries, judged, development, expected)
+  lines += ["", tally, ""]
   if lost:
     # Rows summarised before the retain divergence by class was kept have none to show.
     by_class = any("retain_by_class" in s["methods"]["megu"] for _, s, *_ in lost)
@@ -412,14 +453,12 @@ def all_class_section(results_dir: str, development: tuple[str, ...] = (),
                    + (f" {most_disturbed(summary['methods']['megu'], family, statistic)} |"
                       if by_class else ""))
     lines.append("")
-  missing = [label for label in expected if label not in {row_label(s) for s in rows}]
   if missing:
-    lines += [f"{len(expected) - len(missing)} of {len(expected)} rows run; still to run: "
-              + ", ".join(missing) + ".", ""]
+    lines += [missing[0], ""]
   lines += _reading(results_dir, ALL_CLASS_DIR)
   # One line per command and commit the rows came from (the latest row's date and machine).
   runs_by_source: dict[tuple, list[dict]] = {}
-  for summary in rows:
+  for summary in summaries:
     record = summary.get("provenance") or {}
     runs_by_source.setdefault((record.get("command"), record.get("commit"), record.get("dirty")),
                               []).append(record)

@@ -464,11 +464,8 @@ def _readme_headline(results_dir: str) -> str:
 
 
 def _readme_all_class(results_dir: str) -> str:
-  """The all-class table's tally (and the rows still to run), from the same rendering."""
   from megu_jax.harness import ensemble_report  # noqa: PLC0415
-  section = ensemble_report.all_class_section(results_dir, development_rows(), all_class_rows())
-  return "\n\n".join(line for line in section.splitlines()
-                      if line.startswith(("MeGU lowest", "_Not run yet")) or "rows run;" in line)
+  return ensemble_report.all_class_tally(results_dir, development_rows(), all_class_rows())
 
 
 README_BLOCKS.update(demo=_readme_demo, headline=_readme_headline, all_class=_readme_all_class)
