@@ -1,15 +1,18 @@
 r"""What unlearning costs: every method's wall time relative to Retrain, MeGU's time by phase.
 
-Measure it here, every method and Retrain in this one process (minutes: Retrain trains a model):
+Measure it here, every method and Retrain in this one process (minutes: Retrain trains twice):
   python -m experiments.bench_unlearning --config=megu_jax/configs/fashion_mnist.py \
       --workdir=runs/bench_unlearning --config.methods=all
 Or derive it from a finished (or partial) benchmark, without running anything:
   python -m experiments.bench_unlearning --from_benchmark=runs/benchmark
 
 Both write ``results/performance/unlearning_cost.json``. ``time_s`` is a method's call without
-compilation (``compile_s``, its first-step compiles, is reported apart); ``relative_to_retrain``
-divides it by Retrain's training time in the same run (same cell of the benchmark), and
-``relative_to_retrain_with_compile`` adds each one's compilation. MeGU's ``phases`` are its
+compilation; ``relative_to_retrain`` divides it by Retrain's training time in the same run (same
+cell of the benchmark), and ``relative_to_retrain_with_compile`` adds each one's ``compile_s``.
+The run mode calls every method and Retrain twice with the same key: ``time_s`` is the second
+call less its compilation, and ``compile_s`` the rest of the first call (a process's first call
+also compiles every operation outside the compiled steps); the benchmark mode reads the
+benchmark's single calls, whose ``compile_s`` is the first call of each compiled step. MeGU's ``phases`` are its
 ``transition_s`` (features, T row lookup, perturbing labels), ``noise_s`` (the noise pair's
 optimisation) and ``finetune_s`` (the disentangled finetuning), plus ``oracle_s``, the time the job
 spent building T with its oracle before MeGU was called. In the run mode the trained original

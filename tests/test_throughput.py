@@ -186,10 +186,35 @@ def test_unlearning_cost_from_a_benchmark_workdir(tmp_path):
   assert sum(cost["phases"]["shares"].values()) == pytest.approx(1.0)
   with_oracle = unlearning_cost.megu_phases(cost, oracle_s=3.0)
   assert with_oracle["oracle_s"] == 3.0 and "oracle_s" not in with_oracle["shares"]
+  # The stand-in's heads are a phase of their own, taken out of the guidance's time.
+  with_stand_in = unlearning_cost.megu_phases(dict(cost, stand_in_s=4.0))
+  assert with_stand_in["stand_in_s"] == 4.0 and with_stand_in["transition_s"] == 1.0
+  assert with_stand_in["other_s"] == pytest.approx(2.0)
+  assert sum(with_stand_in["shares"].values()) == pytest.approx(1.0)
   assert result["summary"]["megu"]["relative_to_retrain"]["mean"] == pytest.approx(0.3)
   assert result["summary"]["retrain"]["relative_to_retrain"]["mean"] == 1.0
   with pytest.raises(FileNotFoundError, match="retrain.json"):
     unlearning_cost.from_benchmark(str(tmp_path / "nothing"))
+
+
+def test_cold_and_warm_counts_the_first_calls_extra_cost_as_compilation(monkeypatch):
+  calls = []
+
+  def call(timings):  # 3 s the first time (1 of them a compiled step's first call), then 1 s
+    calls.append(len(calls))
+    timings["compile_s"] = 1.0 if len(calls) == 1 else 0.25
+    timings["finetune_s"] = 0.5
+    fake_clock[0] += 3.0 if len(calls) == 1 else 1.0
+
+  fake_clock = [0.0]
+  monkeypatch.setattr(unlearning_cost.time, "perf_counter", lambda: fake_clock[0])
+  record = unlearning_cost.cold_and_warm(call)
+  assert calls == [0, 1]
+  # The work is the warm call less its own compilation; the cold call's excess is compilation.
+  assert record["time_s"] == pytest.approx(0.75)
+  assert record["compile_s"] == pytest.approx(2.25)
+  assert record["time_s"] + record["compile_s"] == pytest.approx(record["wall_s"]) == 3.0
+  assert record["warm_wall_s"] == 1.0 and record["finetune_s"] == 0.5
 
 
 def test_xla_cpu_defaults_respect_the_user():
