@@ -12,9 +12,10 @@ cell of the benchmark), and ``relative_to_retrain_with_compile`` adds each one's
 The run mode calls every method and Retrain twice with the same key: ``time_s`` is the second
 call less its compilation, and ``compile_s`` the rest of the first call (a process's first call
 also compiles every operation outside the compiled steps); the benchmark mode reads the
-benchmark's single calls, whose ``compile_s`` is the first call of each compiled step. MeGU's ``phases`` are its
-``transition_s`` (features, T row lookup, perturbing labels), ``noise_s`` (the noise pair's
-optimisation) and ``finetune_s`` (the disentangled finetuning), plus ``oracle_s``, the time the job
+benchmark's single calls, whose ``compile_s`` is the first call of each compiled step. MeGU's
+``phases`` are its ``transition_s`` (features, T row lookup, perturbing labels), ``stand_in_s``
+(the stand-in heads of its margin targets), ``noise_s`` (the noise pair's optimisation) and
+``finetune_s`` (the disentangled finetuning), plus ``oracle_s``, the time the job
 spent building T with its oracle before MeGU was called. In the run mode the trained original
 model is reused from ``--models_root`` (default ``WORKDIR/models``), but Retrain is always
 retrained here.

@@ -16,6 +16,7 @@ from megu_jax import parallel
 from megu_jax import train
 from megu_jax import xla_cpu
 from megu_jax.configs import digits as digits_config
+from megu_jax.harness import provenance
 from megu_jax.harness import throughput
 from megu_jax.harness import unlearning_cost
 
@@ -215,6 +216,14 @@ def test_cold_and_warm_counts_the_first_calls_extra_cost_as_compilation(monkeypa
   assert record["compile_s"] == pytest.approx(2.25)
   assert record["time_s"] + record["compile_s"] == pytest.approx(record["wall_s"]) == 3.0
   assert record["warm_wall_s"] == 1.0 and record["finetune_s"] == 0.5
+
+
+def test_machine_info_names_the_code_as_this_process_loaded_it(monkeypatch):
+  # A benchmark runs for minutes: a commit or an edit made meanwhile is not the code it ran.
+  loaded = provenance.loaded_commit()
+  monkeypatch.setattr(provenance, "_git", lambda *args: "edited while it ran")
+  info = throughput.machine_info()
+  assert {"commit": info["commit"], "dirty": info["dirty"]} == loaded
 
 
 def test_xla_cpu_defaults_respect_the_user():

@@ -48,6 +48,11 @@ def git_commit() -> dict[str, Any]:
 _LOADED_FROM = git_commit()
 
 
+def loaded_commit() -> dict[str, Any]:
+  """:func:`git_commit` as it was when this process loaded its code."""
+  return dict(_LOADED_FROM)
+
+
 def cpu_model() -> str:
   try:
     with open("/proc/cpuinfo") as f:

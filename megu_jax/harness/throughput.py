@@ -245,7 +245,7 @@ def machine_info(extra_versions: dict[str, str] | None = None) -> dict[str, Any]
       "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": provenance.command_line(), **provenance.git_commit(),
+      "command": provenance.command_line(), **provenance.loaded_commit(),
   }
   info.update(extra_versions or {})
   return info
