@@ -349,9 +349,9 @@ Every method's time without compilation relative to Retrain's training time in t
 with compilation. Run on its own (`--config`), the benchmark calls every method and Retrain twice
 with the same key: the time is the second call's work, and the share with compilation compares
 the first calls' wall times, which also pay for compiling every operation outside the compiled
-steps. MeGU's time by phase (transition: the original's pass over the forget
-images, T and the perturbing labels; stand-in: the heads retrained for the margin targets and
-their scoring; noise optimisation; finetuning; other: set-up and host work).
+steps. MeGU's time by phase (transition: the original's pass over the forget images, T and the
+perturbing labels; stand-in: the heads retrained for the margin targets and their scoring; noise
+optimisation; finetuning; other: set-up and host work).
 
 {unlearning_cost_table(load(results_dir, UNLEARNING_COST))}
 ## Where the time goes

@@ -12,6 +12,7 @@ model, normalisation and config.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -234,6 +235,18 @@ def run_phase(step_fn, state, batches, key, timings_key, timings):
   state = jax.block_until_ready(state)
   timings[timings_key] = timings.get(timings_key, 0.0) + time.perf_counter() - start
   return state, (None if metrics is None else jax.device_get(metrics))
+
+
+@contextlib.contextmanager
+def timed_apart_from_compilation(timings: dict | None, key: str):
+  """Adds to ``timings[key]`` the block's wall time less the compilation it adds to
+  ``timings["compile_s"]`` (nothing is recorded when ``timings`` is None)."""
+  start = time.perf_counter()
+  compile_before = 0.0 if timings is None else timings.get("compile_s", 0.0)
+  yield
+  if timings is not None:
+    timings[key] = (timings.get(key, 0.0) + time.perf_counter() - start
+                    - (timings.get("compile_s", 0.0) - compile_before))
 
 
 def run_phase_once_compiled(step_fn: Callable, state, batches, key: jax.Array, timings_key: str,

@@ -12,8 +12,6 @@ set beside MeGU, it shows what MeGU adds to the stand-in's own outputs.
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import ml_collections
 
@@ -21,7 +19,8 @@ from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning import register
 from megu_jax.unlearning.base import (UnlearnData, check_choice, check_count, check_data,
-                                      method_settings, retrain_stages_after, with_params)
+                                      method_settings, retrain_stages_after,
+                                      timed_apart_from_compilation, with_params)
 
 
 def default_eu_k_config() -> ml_collections.ConfigDict:
@@ -52,11 +51,9 @@ def eu_k(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
   dp = parallel.DataParallel(config.get("parallel", "mesh"))
   prefix = train.predict(trained, retain_data.images, 1000, dp, timings,
                          (settings.freeze_through,))[settings.freeze_through]
-  compile_before = timings.get("compile_s", 0.0)
-  start = time.perf_counter()
-  params, = retrain_stages_after(trained, settings.freeze_through, prefix, retain_data.labels,
-                                 retain_data.images[:1], epochs=epochs, keys=[key],
-                                 timings=timings)
-  timings["train_s"] = time.perf_counter() - start - (timings.get("compile_s", 0.0) - compile_before)
+  with timed_apart_from_compilation(timings, "train_s"):
+    params, = retrain_stages_after(trained, settings.freeze_through, prefix, retain_data.labels,
+                                   retain_data.images[:1], epochs=epochs, keys=[key],
+                                   timings=timings)
   return with_params(trained, params)
 

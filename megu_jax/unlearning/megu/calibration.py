@@ -34,7 +34,7 @@ import numpy as np
 from megu_jax import parallel
 from megu_jax import train
 from megu_jax.unlearning.base import (UnlearnData, retrain_stages_after,
-                                      run_phase_once_compiled)
+                                      run_phase_once_compiled, timed_apart_from_compilation)
 from megu_jax.unlearning.megu.steps import make_margin_fn
 
 CALIBRATIONS = ("none", "non_member_margin", "retained_head")
@@ -112,16 +112,13 @@ def stopping_gap(trained: train.Trained, settings, dp, forget_data: UnlearnData,
     first_call_timed(margins, (trained.state.params, unseen_inputs, unseen_labels), timings)
     return (lambda params: forget_mean(params)
             - float(jnp.mean(margins(params, unseen_inputs, unseen_labels)))), steps
-  start = time.perf_counter()
-  compile_before = timings.get("compile_s", 0.0)
-  retained = UnlearnData(retain_data.images[retain_rows], retain_data.labels[retain_rows],
-                         retain_data.indices[retain_rows])
-  retain_prefix = margin_inputs(trained, settings, dp, retained, None, timings)
-  target = float(np.mean(stand_in_margins(
-      trained, settings, retain_prefix, retained.labels, np.asarray(forget_inputs),
-      forget_data.labels, forget_data.images[:1], key, timings)))
-  timings["calibration_s"] = (timings.get("calibration_s", 0.0) + time.perf_counter() - start
-                              - (timings.get("compile_s", 0.0) - compile_before))
+  with timed_apart_from_compilation(timings, "calibration_s"):
+    retained = UnlearnData(retain_data.images[retain_rows], retain_data.labels[retain_rows],
+                           retain_data.indices[retain_rows])
+    retain_prefix = margin_inputs(trained, settings, dp, retained, None, timings)
+    target = float(np.mean(stand_in_margins(
+        trained, settings, retain_prefix, retained.labels, np.asarray(forget_inputs),
+        forget_data.labels, forget_data.images[:1], key, timings)))
   timings["calibration_target"] = target
   return (lambda params: forget_mean(params) - target), settings.calibration_every
 

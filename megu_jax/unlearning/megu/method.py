@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import NamedTuple
 
 import jax
@@ -33,7 +32,8 @@ from megu_jax import transition as transition_lib
 from megu_jax.unlearning import register
 from megu_jax.unlearning.base import (UnlearnData, UnlearningInputError, balanced_subset,
                                       check_data, host_copy, make_finetuning_optimizer,
-                                      num_classes_of, row_stream, run_phase)
+                                      num_classes_of, row_stream, run_phase,
+                                      timed_apart_from_compilation)
 from megu_jax.unlearning.megu import calibration as calibration_lib
 from megu_jax.unlearning.megu.config import (megu_settings, noise_rows_per_sample,
                                              own_class_weight, validate_settings)
@@ -197,14 +197,10 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
     target_margins = non_member_margin_targets(forget_logits, forget_data.labels,
                                                non_member_logits, non_members.labels)
   if settings.forget_target == "retained_head_margin":
-    start = time.perf_counter()
-    compile_before = timings.get("compile_s", 0.0) if timings is not None else 0.0
-    target_margins, retain_target_margins = _stand_in_targets(
-        trained, settings, forget_data, forget_activations[settings.freeze_through],
-        retain_data.labels[retain_rows], retain_prefix, jax.random.fold_in(key, 1), timings)
-    if timings is not None:  # the heads' training and scoring, without their compilation
-      timings["stand_in_s"] = (time.perf_counter() - start
-                               - (timings.get("compile_s", 0.0) - compile_before))
+    with timed_apart_from_compilation(timings, "stand_in_s"):  # the heads' training and scoring
+      target_margins, retain_target_margins = _stand_in_targets(
+          trained, settings, forget_data, forget_activations[settings.freeze_through],
+          retain_data.labels[retain_rows], retain_prefix, jax.random.fold_in(key, 1), timings)
   return Guidance(T, perturbing, retain_rows, forget_activations, targets, target_margins,
                   retain_target_margins, retain_prefix)
 
@@ -269,13 +265,10 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
   rng = np.random.default_rng(int(jax.random.randint(batch_key, (), 0, np.iinfo(np.int32).max)))
 
   # 1-2. Transition matrix and perturbing labels: the "machine guidance", computed once.
-  start = time.perf_counter()
-  compile_before = timings.get("compile_s", 0.0)
-  (T, perturbing, retain_rows, forget_activations, forget_targets, forget_target_margins,
-   retain_target_margins, retain_prefix) = machine_guidance(trained, forget_data, retain_data, config,
-                                             label_key, rng, dp, timings, non_members)
-  timings["transition_s"] = (time.perf_counter() - start
-                             - (timings.get("compile_s", 0.0) - compile_before))
+  with timed_apart_from_compilation(timings, "transition_s"):
+    (T, perturbing, retain_rows, forget_activations, forget_targets, forget_target_margins,
+     retain_target_margins, retain_prefix) = machine_guidance(
+         trained, forget_data, retain_data, config, label_key, rng, dp, timings, non_members)
   if diagnostics is not None:
     diagnostics.update(transition=T, perturbing_labels=perturbing)
 
