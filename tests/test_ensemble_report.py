@@ -188,3 +188,22 @@ def test_the_all_class_table_carries_its_reading_and_where_its_rows_came_from(tm
   (root / "reading.md").write_text("MeGU is lowest on Trouser.\n")
   assert "**Reading.** MeGU is lowest on Trouser." in ensemble_report.all_class_section(
       str(tmp_path))
+
+
+def test_the_headline_targets_table_says_which_of_megus_targets_each_scenario_meets():
+  shirt = summary()  # MeGU's forget 3.0 above NegGrad+'s 1.5; its F 0.15 above NegGrad+'s 0.06
+  sneaker = {**summary(), "scenario": "sub_class", "forget": ["Sneaker"]}
+  sneaker["methods"] = {**sneaker["methods"],
+                        "megu": method(1.0, 0.35, 0.9, 0.05, 4, floor_of(0.3, 0.16))}
+  table = ensemble_report.headline_targets_table([shirt, sneaker])
+  rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+  statistic = rows["full_class Shirt"].split("|")[2].strip()
+  assert statistic.startswith(("klom ", "gaussian_kl "))
+  assert rows["full_class Shirt"].endswith(
+      "| 3.00 / 0.35 / 0.30 | neggrad_plus 1.50 | no | retain yes, val yes | "
+      "0.150 / 0.060 (neggrad_plus) | yes |")
+  # Sneaker: forget 1.0 the lowest, but val 0.9 above the best baseline's bound (0.5 + 0.1); F
+  # 0.05 below NegGrad+'s 0.06.
+  assert rows["sub_class Sneaker"].endswith(
+      "| 1.00 / 0.35 / 0.90 | neggrad_plus 1.50 | yes | retain yes, val no | "
+      "0.050 / 0.060 (neggrad_plus) | no |")
