@@ -268,11 +268,13 @@ def test_receiving_retain_rows_fill_their_share_of_every_batch_and_zero_changes_
   # A new entry needs its own check that its value changes nothing (own_class_after_guidance:
   # test_megu_labels.py, False takes the unchanged branch of guided_log_rows; retain_margin_weight:
   # test_the_retain_margin_term_keeps_the_retained_margins_closer_to_the_original, 0 adds no term;
-  # retain_margin_source: "original" is ν's θ₀ target, the only one before the field existed).
+  # retain_margin_source: "original" is ν's θ₀ target, the only one before the field existed;
+  # stand_in_unseen_match: "none" scores no unseen image and matches nothing, as before).
   assert megu_lib.NO_OP_VALUES == {"receiving_retain_fraction": 0.0,
                                    "own_class_after_guidance": False,
                                    "retain_margin_weight": 0.0,
-                                   "retain_margin_source": "original"}
+                                   "retain_margin_source": "original",
+                                   "stand_in_unseen_match": "none"}
   assert megu_lib.default_megu_config().receiving_retain_fraction == 0.0
   labels = np.repeat(np.arange(5), 40)
   # Each "image" is its own row number, so a batch shows which rows it drew.
@@ -601,12 +603,44 @@ def test_stand_in_targets_keep_the_label_draw_and_average_their_heads(digits, tr
   assert np.std(two.forget_target_margins) > 0
 
 
+def test_stand_in_targets_matched_to_unseen_images_take_their_mean_or_distribution(
+    digits, trained, split):
+  forget, retain = unlearn_data(digits, split)
+  unseen_rows = np.flatnonzero(digits.test_labels == split.forget_classes[0])
+  unseen = unlearning.UnlearnData(images=digits.test_images[unseen_rows],
+                                  labels=digits.test_labels[unseen_rows],
+                                  indices=len(digits.train_labels) + unseen_rows)
+  settings = dict(forget_target="retained_head_margin", freeze_through="block3",
+                  calibration_epochs=2)
+  guide = lambda match: megu_lib.machine_guidance(
+      trained, forget, retain, experiment_config(**settings, stand_in_unseen_match=match),
+      jax.random.key(0), non_members=unseen).forget_target_margins
+  plain, shifted, matched = guide("none"), guide("shift"), guide("quantile")
+  # The same heads score the unseen images: the shift moves every target by one amount, which
+  # brings their mean to the heads' mean on the unseen images, whose quantiles the matched
+  # targets are, in the plain targets' order.
+  offset = shifted - plain
+  np.testing.assert_allclose(offset, offset[0], atol=1e-4)
+  assert abs(offset[0]) > 1e-3
+  np.testing.assert_allclose(np.sort(matched), matched[np.argsort(plain, kind="stable")],
+                             atol=1e-6)
+  np.testing.assert_allclose(matched.mean(), shifted.mean(), atol=0.5)
+  with pytest.raises(unlearning.UnlearningInputError,
+                     match="stand_in_unseen_match='shift' needs non_members"):
+    megu_lib.megu(trained, forget, retain, experiment_config(
+        **settings, stand_in_unseen_match="shift"), jax.random.key(0))
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"forget_target": "retained_head_margin"},
      "forget_target='retained_head_margin' needs config.megu.freeze_through"),
     ({"retain_margin_source": "retained_head", "retain_margin_weight": 1.0},
      "retain_margin_source='retained_head' reads the stand-in heads"),
     ({"retain_margin_source": "head"}, "retain_margin_source='head'"),
+    ({"stand_in_unseen_match": "shift"},
+     "stand_in_unseen_match='shift' matches the stand-in's margins"),
+    ({"forget_target": "retained_head_margin", "freeze_through": "block3",
+      "stand_in_unseen_match": "median"}, "stand_in_unseen_match='median'"),
     ({"forget_target": "retained_head_margin", "freeze_through": "block3",
       "calibration_heads": 0}, "calibration_heads=0 must be >= 1"),
 ])

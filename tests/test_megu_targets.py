@@ -35,7 +35,7 @@ def test_targets_are_the_non_members_quantiles_in_the_forgotten_images_order():
 def test_a_forgotten_class_without_non_members_fails_naming_it():
   labels = np.array([0, 2])
   with pytest.raises(unlearning.UnlearningInputError,
-                     match="class 2 has 1 forgotten image.*no non-member"):
+                     match="class 2 has 1 forgotten image.*no unseen image"):
     targets.non_member_margin_targets(logits_with_margins([1.0, 2.0], labels), labels,
                                       logits_with_margins([0.5], [0]), np.array([0]))
 
@@ -53,3 +53,22 @@ def test_the_margin_loss_is_zero_at_the_target_and_pulls_toward_it():
   assert np.all(np.asarray(stepped) < np.asarray(margins))
   # Huber: five units away, each example's loss grows linearly, not as 25/2.
   assert float(targets.margin_loss(logits, labels, lower)) == pytest.approx(4.5, rel=1e-5)
+
+
+def test_matching_to_unseen_margins_shifts_each_class_to_its_mean_or_takes_its_quantiles():
+  forget_labels = np.array([0, 0, 0, 1, 1])
+  forget_margins = np.array([5.0, 9.0, 7.0, 2.0, 4.0])
+  unseen_labels = np.array([0, 0, 1, 1, 1])
+  unseen_margins = np.array([1.0, 3.0, -4.0, 0.0, 1.0])
+  shifted = targets.matched_to_unseen(forget_margins, forget_labels, unseen_margins,
+                                      unseen_labels, "shift", "f")
+  # Class 0: mean 7 → 2 (shift −5); class 1: mean 3 → −1 (shift −4). The spread is kept.
+  np.testing.assert_allclose(shifted, [0.0, 4.0, 2.0, -2.0, 0.0])
+  matched = targets.matched_to_unseen(forget_margins, forget_labels, unseen_margins,
+                                      unseen_labels, "quantile", "f")
+  np.testing.assert_allclose(matched[:3], np.quantile([1.0, 3.0], [0.5 / 3, 2.5 / 3, 1.5 / 3]))
+  np.testing.assert_allclose(matched[3:], np.quantile([-4.0, 0.0, 1.0], [0.25, 0.75]))
+  assert shifted.dtype == matched.dtype == np.float32
+  with pytest.raises(unlearning.UnlearningInputError, match="^f: class 1 has 2 forgotten"):
+    targets.matched_to_unseen(forget_margins, forget_labels, unseen_margins[:2],
+                              unseen_labels[:2], "shift", "f")

@@ -24,6 +24,7 @@ LABEL_MODES = ("sample", "argmax")
 LABEL_GUIDANCE = ("transition", "transition_x_model")
 FORGET_TARGETS = ("label", "distribution", "non_member_margin", "retained_head_margin")
 RETAIN_MARGIN_SOURCES = ("original", "retained_head")
+STAND_IN_UNSEEN_MATCHES = ("none", "shift", "quantile")
 
 
 class MissingTransitionFileError(UnlearningInputError, FileNotFoundError):
@@ -81,6 +82,13 @@ def default_megu_config() -> ml_collections.ConfigDict:
   # Where ν's retained margins come from: original (θ₀'s), or retained_head (the stand-in's of
   # forget_target="retained_head_margin", which never had the forgotten images as competitors).
   c.retain_margin_source = "original"
+  # forget_target="retained_head_margin" only (needs non_members). The stand-in reads θ₀'s frozen
+  # prefix, which was trained on the forgotten images, while Retrain treats them like any unseen
+  # image of their class: so the stand-in's margins on the forgotten images are matched, class
+  # by class, to its margins on unseen images of the same classes. none: as they are; shift: by
+  # the difference of the two means; quantile: the r-th smallest of n takes the (r + ½)/n
+  # quantile of the unseen images' (order kept, spread the unseen images').
+  c.stand_in_unseen_match = "none"
   # μ: without it the noise pair does part of the forgetting for θ and the clean model ends up
   # less confident on forgotten images than a model that never saw them.
   c.align_weight = 1.0
@@ -126,7 +134,8 @@ def default_megu_config() -> ml_collections.ConfigDict:
 # before they existed (tests/test_megu.py checks that it does): a table recorded without such a
 # field ran with this value.
 NO_OP_VALUES = {"receiving_retain_fraction": 0.0, "own_class_after_guidance": False,
-                "retain_margin_weight": 0.0, "retain_margin_source": "original"}
+                "retain_margin_weight": 0.0, "retain_margin_source": "original",
+                "stand_in_unseen_match": "none"}
 
 
 def megu_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -179,6 +188,13 @@ def validate_settings(settings: ml_collections.ConfigDict, trained: train.Traine
     raise UnlearningInputError(
         f"{f('retain_margin_source')}='retained_head' reads the stand-in heads of "
         f"{f('forget_target')}='retained_head_margin' (now {settings.forget_target!r})")
+  check_choice(f("stand_in_unseen_match"), settings.stand_in_unseen_match,
+               STAND_IN_UNSEEN_MATCHES)
+  if settings.stand_in_unseen_match != "none" and (
+      settings.forget_target != "retained_head_margin"):
+    raise UnlearningInputError(
+        f"{f('stand_in_unseen_match')}={settings.stand_in_unseen_match!r} matches the stand-in's "
+        f"margins of {f('forget_target')}='retained_head_margin' (now {settings.forget_target!r})")
   if settings.forget_target == "retained_head_margin" and not settings.freeze_through:
     raise UnlearningInputError(
         f"{f('forget_target')}='retained_head_margin' needs {f('freeze_through')}: its stand-in "

@@ -38,7 +38,7 @@ from megu_jax.unlearning.megu import calibration as calibration_lib
 from megu_jax.unlearning.megu.config import (megu_settings, noise_rows_per_sample,
                                              own_class_weight, validate_settings)
 from megu_jax.unlearning.megu.labels import draw_perturbing_labels, guided_distribution
-from megu_jax.unlearning.megu.targets import non_member_margin_targets
+from megu_jax.unlearning.megu.targets import matched_to_unseen, non_member_margin_targets
 from megu_jax.unlearning.megu.steps import (MeguState, make_finetune_step, make_noise_step,
                                             noise_optimizers)
 
@@ -106,6 +106,19 @@ def _retain_batches(rng, retain_rows, retain_data, batch_size, num_steps, receiv
     yield batch
 
 
+def check_non_members(settings: ml_collections.ConfigDict, non_members: UnlearnData | None):
+  """Raises naming the first setting that reads ``non_members`` when there are none."""
+  readers = [f"{field}='non_member_margin'" for field in ("calibration", "forget_target")
+             if settings[field] == "non_member_margin"]
+  if settings.stand_in_unseen_match != "none":
+    readers.append(f"stand_in_unseen_match={settings.stand_in_unseen_match!r}")
+  if readers and (non_members is None or not len(non_members)):
+    raise UnlearningInputError(
+        f"config.megu.{readers[0]} needs non_members: unseen images of what is forgotten (the "
+        "harness passes the training pool's unused images when the recipe trains on a subset, "
+        "config.train_subset)")
+
+
 class Guidance(NamedTuple):
   """What ``machine_guidance`` decides before any finetuning."""
   transition: np.ndarray               # [K, K] float64 T
@@ -143,6 +156,7 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
   compiles them.
   """
   settings = megu_settings(config)
+  check_non_members(settings, non_members)
   dp = dp or parallel.DataParallel(config.get("parallel", "mesh"))
   rng = rng or np.random.default_rng(0)
   num_classes = num_classes_of(trained)
@@ -198,26 +212,42 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
                                                non_member_logits, non_members.labels)
   if settings.forget_target == "retained_head_margin":
     with timed_apart_from_compilation(timings, "stand_in_s"):  # the heads' training and scoring
+      unseen = None
+      if settings.stand_in_unseen_match != "none":
+        unseen = (train.predict(trained, non_members.images, 1000, dp, timings,
+                                prefix)[settings.freeze_through], non_members.labels)
       target_margins, retain_target_margins = _stand_in_targets(
           trained, settings, forget_data, forget_activations[settings.freeze_through],
-          retain_data.labels[retain_rows], retain_prefix, jax.random.fold_in(key, 1), timings)
+          retain_data.labels[retain_rows], retain_prefix, jax.random.fold_in(key, 1), timings,
+          unseen)
   return Guidance(T, perturbing, retain_rows, forget_activations, targets, target_margins,
                   retain_target_margins, retain_prefix)
 
 
 def _stand_in_targets(trained, settings, forget_data, forget_prefix, retain_labels, retain_prefix,
-                      key, timings):
+                      key, timings, unseen=None):
   """The stand-in's margins on the forget images and, for ν's retained_head source, on the
-  retain rows (else None): float32 targets of forget_target="retained_head_margin"."""
+  retain rows (else None): float32 targets of forget_target="retained_head_margin". ``unseen``
+  (θ₀'s prefix outputs of unseen images of the forgotten classes, and their labels) is scored
+  too, and the forget margins matched to its margins (``stand_in_unseen_match``)."""
   with_retain = settings.retain_margin_source == "retained_head"
-  scored_prefix, scored_labels = forget_prefix, forget_data.labels
+  parts = [(forget_prefix, forget_data.labels)]
   if with_retain:
-    scored_prefix = np.concatenate([forget_prefix, retain_prefix])
-    scored_labels = np.concatenate([forget_data.labels, retain_labels])
+    parts.append((retain_prefix, retain_labels))
+  if unseen is not None:
+    parts.append(unseen)
   scored = calibration_lib.stand_in_margins(
-      trained, settings, retain_prefix, retain_labels, scored_prefix, scored_labels,
+      trained, settings, retain_prefix, retain_labels,
+      np.concatenate([prefix for prefix, _ in parts]),
+      np.concatenate([labels for _, labels in parts]),
       forget_data.images[:1], key, timings).astype(np.float32)
-  return scored[:len(forget_data)], (scored[len(forget_data):] if with_retain else None)
+  forget_margins, rest = scored[:len(forget_data)], scored[len(forget_data):]
+  retain_margins = rest[:len(retain_labels)] if with_retain else None
+  if unseen is not None:
+    forget_margins = matched_to_unseen(
+        forget_margins, forget_data.labels, rest[len(rest) - len(unseen[1]):], unseen[1],
+        settings.stand_in_unseen_match, "config.megu.stand_in_unseen_match")
+  return forget_margins, retain_margins
 
 
 # --- the method ----------------------------------------------------------------------------------
@@ -245,12 +275,7 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
   validate_settings(settings, trained, dp.num_devices)
   check_data(trained, forget_data, retain_data)
   calibrate = settings.calibration != "none"
-  for field in ("calibration", "forget_target"):
-    if settings[field] == "non_member_margin" and (non_members is None or not len(non_members)):
-      raise UnlearningInputError(
-          f"config.megu.{field}='non_member_margin' needs non_members: unseen images of what is "
-          "forgotten (the harness passes the training pool's unused images when the recipe "
-          "trains on a subset, config.train_subset)")
+  check_non_members(settings, non_members)
   scenario = config.get("scenario")
   if settings.forget_target == "non_member_margin" and scenario in ("full_class", "sub_class"):
     raise UnlearningInputError(

@@ -34,20 +34,37 @@ def non_member_margin_targets(forget_logits: np.ndarray, forget_labels: np.ndarr
 
   Raises :class:`UnlearningInputError` naming a forgotten class with no non-member image.
   """
+  return matched_to_unseen(margins(forget_logits, forget_labels), forget_labels,
+                           margins(non_member_logits, non_member_labels), non_member_labels,
+                           "quantile", "config.megu.forget_target='non_member_margin'")
+
+
+def matched_to_unseen(forget_margins: np.ndarray, forget_labels: np.ndarray,
+                      unseen_margins: np.ndarray, unseen_labels: np.ndarray, how: str,
+                      field: str) -> np.ndarray:
+  """float32 [N_f]: ``forget_margins`` matched, class by class, to ``unseen_margins`` (one
+  model's margins on unseen images of the same classes). ``how``: "quantile" (the r-th smallest
+  of n takes the (r + ½)/n quantile of the unseen margins) or "shift" (every margin moved by
+  the unseen mean minus the forgotten mean). ``field`` names the setting in the error raised
+  for a forgotten class with no unseen image."""
   forget_labels = np.asarray(forget_labels)
-  non_member_labels = np.asarray(non_member_labels)
-  forget_margins = margins(forget_logits, forget_labels)
-  non_member_margins = margins(non_member_logits, non_member_labels)
+  unseen_labels = np.asarray(unseen_labels)
+  forget_margins = np.asarray(forget_margins, np.float64)
   targets = np.empty(len(forget_labels), np.float64)
   for label in np.unique(forget_labels):
     rows = np.flatnonzero(forget_labels == label)
-    unseen = non_member_margins[non_member_labels == label]
+    unseen = np.asarray(unseen_margins, np.float64)[unseen_labels == label]
     if not len(unseen):
       raise UnlearningInputError(
-          f"config.megu.forget_target='non_member_margin': class {int(label)} has "
-          f"{len(rows)} forgotten image(s) but no non-member image to take a target margin from")
-    ranks = np.argsort(np.argsort(forget_margins[rows], kind="stable"), kind="stable")
-    targets[rows] = np.quantile(unseen, (ranks + 0.5) / len(rows))
+          f"{field}: class {int(label)} has {len(rows)} forgotten image(s) but no unseen image "
+          "to match their margins to")
+    if how == "quantile":
+      ranks = np.argsort(np.argsort(forget_margins[rows], kind="stable"), kind="stable")
+      targets[rows] = np.quantile(unseen, (ranks + 0.5) / len(rows))
+    elif how == "shift":
+      targets[rows] = forget_margins[rows] + (unseen.mean() - forget_margins[rows].mean())
+    else:
+      raise ValueError(f"how={how!r} must be 'quantile' or 'shift'")
   return targets.astype(np.float32)
 
 
