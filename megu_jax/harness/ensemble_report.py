@@ -273,7 +273,8 @@ def headline_targets_table(summaries: list[dict]) -> str:
                  f"{' / '.join(value('megu', split) for split in SPLITS)} | "
                  f"{closest} {value(closest, 'forget')} | "
                  f"{'yes' if verdict['lowest_forget'] else 'no'} | {keeps} | "
-                 f"{_forgetting_quality_cell(summary)} | {'yes' if F('megu') > F(highest) else 'no'} |")
+                 f"{_forgetting_quality_cell(summary)} | "
+                 f"{'yes' if F('megu') > F(highest) else 'no'} |")
   return "\n".join(lines)
 
 

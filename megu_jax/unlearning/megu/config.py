@@ -84,10 +84,10 @@ def default_megu_config() -> ml_collections.ConfigDict:
   c.retain_margin_source = "original"
   # forget_target="retained_head_margin" only (needs non_members). The stand-in reads θ₀'s frozen
   # prefix, which was trained on the forgotten images, while Retrain treats them like any unseen
-  # image of their class: so the stand-in's margins on the forgotten images are matched, class
-  # by class, to its margins on unseen images of the same classes. none: as they are; shift: by
-  # the difference of the two means; quantile: the r-th smallest of n takes the (r + ½)/n
-  # quantile of the unseen images' (order kept, spread the unseen images').
+  # image of their class. none: the stand-in's margins on the forgotten images as they are;
+  # otherwise matched, class by class, to its margins on unseen images of the same classes.
+  # shift: moved by the difference of the two means; quantile: the r-th smallest of n takes the
+  # (r + ½)/n quantile of the unseen images' (order kept, spread the unseen images').
   c.stand_in_unseen_match = "none"
   # μ: without it the noise pair does part of the forgetting for θ and the clean model ends up
   # less confident on forgotten images than a model that never saw them.

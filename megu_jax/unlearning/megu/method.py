@@ -148,8 +148,9 @@ def machine_guidance(trained: train.Trained, forget_data: UnlearnData, retain_da
   """What MeGU decides before any finetuning (a :class:`Guidance`): T, the perturbing labels,
   the retain rows, and what the original model's pass over the forget images left for the steps.
   ``non_members`` (unseen images of the forgotten classes) is read by
-  ``forget_target="non_member_margin"`` alone. ``forget_target="retained_head_margin"`` trains
-  its stand-in heads here (calibration.py), from a key of their own folded from ``key``.
+  ``forget_target="non_member_margin"`` and ``stand_in_unseen_match`` alone.
+  ``forget_target="retained_head_margin"`` trains its stand-in heads here (calibration.py), from
+  a key of their own folded from ``key``.
 
   Public so that a report can show (e.g. plot) exactly the T that a run used. ``timings`` (if
   given) receives the ``compile_s`` of the forward pass and of the label draw, when this call
@@ -260,7 +261,8 @@ def megu(trained: train.Trained, forget_data: UnlearnData, retain_data: UnlearnD
 
   ``non_members``: images no model trained on, of the forgotten classes (sub-classes; for random
   forgetting, of the forgotten samples' classes); ``config.megu.calibration`` needs them and
-  otherwise ignores them, and so does ``config.megu.forget_target="non_member_margin"``.
+  otherwise ignores them, and so do ``config.megu.forget_target="non_member_margin"`` and
+  ``config.megu.stand_in_unseen_match``.
 
   ``timings`` (if given) receives, in seconds, ``transition_s`` (features, T, perturbing labels,
   and the stand-in's margin targets, whose part is also recorded as ``stand_in_s``),
