@@ -264,9 +264,7 @@ def headline_targets_table(summaries: list[dict]) -> str:
     verdict = targets.against_baselines(summary, family, statistic)
     value = lambda name, split: _fmt(summary["methods"][name][family][split][statistic])
     closest = verdict["closest_baseline"]
-    F = lambda name: summary["methods"][name]["forgetting_quality"]["F"]
-    highest = max((name for name in summary["methods"]
-                   if name not in ("megu", "original", "retrain")), key=F)
+    highest_F = _forgetting_quality(summary, _highest_F_baseline(summary))
     keeps = ", ".join(f"{split} {'yes' if kept else 'no'}"
                       for split, kept in verdict["keeps"].items())
     lines.append(f"| {scenario_label(summary)} | {family} {statistic} | "
@@ -274,7 +272,7 @@ def headline_targets_table(summaries: list[dict]) -> str:
                  f"{closest} {value(closest, 'forget')} | "
                  f"{'yes' if verdict['lowest_forget'] else 'no'} | {keeps} | "
                  f"{_forgetting_quality_cell(summary)} | "
-                 f"{'yes' if F('megu') > F(highest) else 'no'} |")
+                 f"{'yes' if _forgetting_quality(summary, 'megu') > highest_F else 'no'} |")
   return "\n".join(lines)
 
 
@@ -346,13 +344,21 @@ def row_label(summary: dict) -> str:
   return f"{label} @{summary['split_seed']}" if summary["scenario"] == "random" else label
 
 
+def _forgetting_quality(summary: dict, name: str) -> float:
+  return summary["methods"][name].get("forgetting_quality", {}).get("F", float("nan"))
+
+
+def _highest_F_baseline(summary: dict) -> str:
+  """The baseline (not MeGU, not a reference) with the highest forgetting quality F."""
+  return max((name for name in summary["methods"] if name not in ("megu", "original", "retrain")),
+             key=lambda name: _forgetting_quality(summary, name))
+
+
 def _forgetting_quality_cell(summary: dict) -> str:
   """MeGU's F and the highest of the baselines' (named), e.g. ``0.196 / 0.209 (eu_k)``."""
-  methods = summary["methods"]
-  F = lambda name: methods[name].get("forgetting_quality", {}).get("F", float("nan"))
-  baselines = [name for name in methods if name not in ("megu", "original", "retrain")]
-  best = max(baselines, key=F)
-  return f"{F('megu'):.3f} / {F(best):.3f} ({best})"
+  best = _highest_F_baseline(summary)
+  return (f"{_forgetting_quality(summary, 'megu'):.3f} / "
+          f"{_forgetting_quality(summary, best):.3f} ({best})")
 
 
 def _time_share(summary: dict) -> str:

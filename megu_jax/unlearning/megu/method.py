@@ -246,7 +246,7 @@ def _stand_in_targets(trained, settings, forget_data, forget_prefix, retain_labe
   retain_margins = rest[:len(retain_labels)] if with_retain else None
   if unseen is not None:
     forget_margins = matched_to_unseen(
-        forget_margins, forget_data.labels, rest[len(rest) - len(unseen[1]):], unseen[1],
+        forget_margins, forget_data.labels, scored[-len(unseen[1]):], unseen[1],
         settings.stand_in_unseen_match, "config.megu.stand_in_unseen_match")
   return forget_margins, retain_margins
 
